@@ -1,0 +1,229 @@
+"""Priors over parameters and the log prior mass of a star-shaped region along one ray (ESTIMATOR.md §1).
+
+In polar coordinates about the anchor θ0 the local region's prior mass is μ(L) = E_{w ~ Unif(S^{D−1})}[f(w)] with
+f(w) = |S^{D−1}| ∫_0^{ρ(w)} p(θ0 + t w) t^{D−1} dt.
+
+* Gaussian prior N(m, diag(s²)), d = θ0 − m:
+  a = Σ w_i²/s_i², b = −Σ d_i w_i/s_i², c = −½ Σ d_i²/s_i² − ½ Σ log(2π s_i²),
+  f(w) = |S^{D−1}| e^c ∫_0^ρ t^{D−1} exp(−a t²/2 + b t) dt. The term −½ Σ d_i²/s_i² is the "norm term".
+* Uniform (Lebesgue) prior: f(w) = V_D ρ(w)^D, reported as a log volume.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, Union
+
+import numpy as np
+import torch
+
+from hfvolume.numerics import log_ray_integral, log_sphere_area, log_unit_ball_volume, saturation_radius
+from hfvolume.results import DirectionFlag
+
+SATURATION_LOG_TOL = -40.0  # stop searching once the prior mass beyond the radius is < e^-40 of the ray's total
+
+
+class Rays(Protocol):
+    """What the radius search and the estimator need from a prior, for a batch of K unit directions."""
+
+    cap: np.ndarray  # [K] largest radius worth searching
+    cap_flag: DirectionFlag  # flag of a direction still inside the region at its cap
+
+    def log_mass(self, radii: np.ndarray, capped: np.ndarray) -> np.ndarray:
+        """``[K]`` log f(w) in nats for radii ``[K]``; ``capped`` ``[K]`` marks directions that ended at the cap."""
+        ...
+
+
+def _as_vector(value: torch.Tensor | np.ndarray | float, n: int, name: str) -> torch.Tensor:
+    # Python numbers and numpy arrays go straight to float64: torch.as_tensor(0.7) would round through float32.
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(device="cpu", dtype=torch.float64)
+    else:
+        t = torch.as_tensor(np.asarray(value, dtype=np.float64))
+    if t.ndim == 0:
+        return t.expand(n).clone()
+    t = t.reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"{name} must be a scalar or have {n} entries (one per parameter), got {t.numel()}")
+    return t
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianPrior:
+    """Gaussian prior N(mean, diag(sigma²)).
+
+    sigma: one global σ (float), or a ``[D]`` tensor of per-coordinate σ; None → RMS of the anchor's entries
+        (the paper's choice is the RMS of the *initial* parameters: pass it explicitly to compare checkpoints).
+    mean: ``[D]`` tensor; None → the origin.
+    """
+
+    sigma: Union[float, torch.Tensor, None] = None
+    mean: Union[torch.Tensor, None] = None
+
+    def __post_init__(self) -> None:
+        if self.sigma is not None and not isinstance(self.sigma, torch.Tensor):
+            if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)):
+                raise TypeError(f"sigma must be a float, a tensor or None, got {type(self.sigma).__name__}")
+            if not (math.isfinite(self.sigma) and self.sigma > 0):
+                raise ValueError(f"sigma must be positive and finite, got {self.sigma!r}")
+
+    def resolve(self, anchor: torch.Tensor) -> "ResolvedGaussianPrior":
+        n = anchor.numel()
+        theta0 = anchor.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if self.sigma is None:
+            rms = float(torch.sqrt(torch.mean(theta0 * theta0)))
+            if not (math.isfinite(rms) and rms > 0):
+                raise ValueError("sigma=None uses the RMS of the anchor, which is 0: pass sigma explicitly")
+            sigma = torch.full((n,), rms, dtype=torch.float64)
+        else:
+            sigma = _as_vector(self.sigma, n, "sigma")
+        bad = torch.nonzero(~torch.isfinite(sigma) | (sigma <= 0))
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"sigma must be positive and finite; sigma[{i}] = {float(sigma[i])!r}")
+        mean = torch.zeros(n, dtype=torch.float64) if self.mean is None else _as_vector(self.mean, n, "mean")
+        if not torch.isfinite(mean).all():
+            raise ValueError("prior mean has non-finite entries")
+        return ResolvedGaussianPrior(theta0=theta0, sigma=sigma, mean=mean, centred_at_origin=self.mean is None)
+
+
+@dataclass(frozen=True)
+class UniformPrior:
+    """Uniform (Lebesgue) measure: the result is a log volume in parameter space, nats.
+
+    max_radius: the largest radius searched; a direction still inside there is flagged ``unbounded`` and the
+    result becomes a lower bound. None → 1e6 × the search's starting radius.
+    """
+
+    max_radius: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_radius is not None and not (math.isfinite(self.max_radius) and self.max_radius > 0):
+            raise ValueError(f"max_radius must be positive and finite, got {self.max_radius!r}")
+
+    def resolve(self, anchor: torch.Tensor, *, default_max_radius: float) -> "ResolvedUniformPrior":
+        cap = self.max_radius if self.max_radius is not None else default_max_radius
+        return ResolvedUniformPrior(n_params=anchor.numel(), max_radius=float(cap))
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedGaussianPrior:
+    theta0: torch.Tensor  # [D] float64
+    sigma: torch.Tensor  # [D] float64
+    mean: torch.Tensor  # [D] float64
+    centred_at_origin: bool
+
+    def __post_init__(self) -> None:
+        inv_var = 1.0 / (self.sigma * self.sigma)
+        d = self.theta0 - self.mean
+        object.__setattr__(self, "_inv_var", inv_var)
+        object.__setattr__(self, "_d_inv_var", d * inv_var)
+        object.__setattr__(self, "_norm_term", float(-0.5 * torch.sum(d * d * inv_var)))
+        log_det = float(torch.sum(torch.log(2 * math.pi * self.sigma * self.sigma)))
+        object.__setattr__(self, "_log_c", self._norm_term - 0.5 * log_det)
+
+    @property
+    def n_params(self) -> int:
+        return self.theta0.numel()
+
+    @property
+    def norm_term(self) -> float:
+        """−½ Σ (θ0 − m)_i² / s_i², nats."""
+        return self._norm_term  # type: ignore[attr-defined]
+
+    def ray_coefficients(self, directions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """a = Σ w_i²/s_i² and b = −Σ d_i w_i/s_i² for ``[K, D]`` unit directions → two ``[K]`` float64 arrays."""
+        a = np.empty(directions.shape[0])
+        b = np.empty(directions.shape[0])
+        for k in range(directions.shape[0]):
+            # One row at a time in float64 keeps the extra memory O(D) while summing D terms accurately.
+            w = directions[k].detach().to(device="cpu", dtype=torch.float64)
+            a[k] = float(torch.sum(w * w * self._inv_var))  # type: ignore[attr-defined]
+            b[k] = -float(torch.sum(w * self._d_inv_var))  # type: ignore[attr-defined]
+        return a, b
+
+    def rays(self, directions: torch.Tensor) -> "GaussianRays":
+        a, b = self.ray_coefficients(directions)
+        return GaussianRays(prior=self, a=a, b=b)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.sigma
+        uniform_sigma = bool(torch.all(s == s[0]))
+        return {
+            "name": "gaussian",
+            "sigma": float(s[0]) if uniform_sigma else "per-coordinate",
+            "sigma_rms": float(torch.sqrt(torch.mean(s * s))),
+            "mean": "origin" if self.centred_at_origin else "custom",
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianRays:
+    prior: ResolvedGaussianPrior
+    a: np.ndarray
+    b: np.ndarray
+    cap_flag: DirectionFlag = DirectionFlag.SATURATED
+
+    @property
+    def cap(self) -> np.ndarray:
+        n = self.prior.n_params - 1
+        return np.asarray(saturation_radius(n, self.a, self.b, log_tol=SATURATION_LOG_TOL), dtype=np.float64)
+
+    def log_mass(self, radii: np.ndarray, capped: np.ndarray) -> np.ndarray:
+        """log f(w) = log|S^{D−1}| + c + log ∫_0^ρ t^{D−1} e^{−a t²/2 + b t} dt, with ρ = ∞ where capped."""
+        n = self.prior.n_params
+        x1 = np.where(np.asarray(capped, dtype=bool), np.inf, np.asarray(radii, dtype=np.float64))
+        out = np.full(x1.shape, -np.inf)
+        positive = x1 > 0
+        if positive.any():
+            log_i = log_ray_integral(n - 1, self.a[positive], self.b[positive], x1[positive])
+            out[positive] = log_sphere_area(n) + self.prior._log_c + log_i  # type: ignore[attr-defined]
+        return out
+
+
+@dataclass(frozen=True)
+class ResolvedUniformPrior:
+    n_params: int
+    max_radius: float
+    norm_term: float = 0.0
+
+    def rays(self, directions: torch.Tensor) -> "UniformRays":
+        return UniformRays(n_params=self.n_params, cap=np.full(directions.shape[0], self.max_radius))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "uniform", "max_radius": self.max_radius}
+
+
+@dataclass(frozen=True)
+class UniformRays:
+    n_params: int
+    cap: np.ndarray
+    cap_flag: DirectionFlag = DirectionFlag.UNBOUNDED
+
+    def log_mass(self, radii: np.ndarray, capped: np.ndarray) -> np.ndarray:
+        """log f(w) = log V_D + D log ρ (a capped direction keeps ρ = cap: a lower bound)."""
+        r = np.asarray(radii, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            return log_unit_ball_volume(self.n_params) + self.n_params * np.log(r)
+
+
+def resolve_prior(
+    prior: Union[str, GaussianPrior, UniformPrior], anchor: torch.Tensor, *, default_max_radius: float
+) -> Union[ResolvedGaussianPrior, ResolvedUniformPrior]:
+    """Turn the user's ``prior`` argument ("gaussian", "uniform" or an instance) into a resolved prior."""
+    if isinstance(prior, str):
+        name = prior.lower()
+        if name == "gaussian":
+            prior = GaussianPrior()
+        elif name == "uniform":
+            prior = UniformPrior()
+        else:
+            raise ValueError(f"unknown prior {prior!r}: use 'gaussian', 'uniform', GaussianPrior(...) or UniformPrior(...)")
+    if isinstance(prior, GaussianPrior):
+        return prior.resolve(anchor)
+    if isinstance(prior, UniformPrior):
+        return prior.resolve(anchor, default_max_radius=default_max_radius)
+    raise TypeError(f"prior must be 'gaussian', 'uniform', GaussianPrior or UniformPrior, got {type(prior).__name__}")
+
+
+__all__ = ["GaussianPrior", "ResolvedGaussianPrior", "ResolvedUniformPrior", "UniformPrior", "resolve_prior"]
