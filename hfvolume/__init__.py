@@ -8,15 +8,28 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from hfvolume.behaviors import ModelBehavior
 from hfvolume.estimator import estimate_log_volume
+from hfvolume.fisher import fisher_diagonal
+from hfvolume.local_volume import estimate_local_volume
+from hfvolume.modelcard import update_model_card
+from hfvolume.optim_state import adam_scales, optimizer_state_from_checkpoint
+from hfvolume.params import ParameterView
 from hfvolume.priors import GaussianPrior, UniformPrior
 from hfvolume.results import DirectionFlag, VolumeResult
 
 __all__ = [
     "DirectionFlag",
     "GaussianPrior",
+    "ModelBehavior",
+    "ParameterView",
     "UniformPrior",
     "VolumeResult",
     "__version__",
+    "adam_scales",
+    "estimate_local_volume",
     "estimate_log_volume",
+    "fisher_diagonal",
+    "optimizer_state_from_checkpoint",
+    "update_model_card",
 ]

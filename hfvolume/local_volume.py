@@ -1,0 +1,288 @@
+"""``estimate_local_volume``: the local volume of a torch / Hugging Face model on some data.
+
+This is the model-facing layer over :func:`hfvolume.estimate_log_volume`: it picks the measured parameters
+(:mod:`hfvolume.params`), turns (model, data) into a batched behaviour (:mod:`hfvolume.behaviors`), resolves the
+prior and proposal, and guarantees that the model and the caller's random state are left exactly as they were.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from hfvolume.behaviors import ModelBehavior
+from hfvolume.estimator import estimate_log_volume
+from hfvolume.params import ParameterView
+from hfvolume.priors import GaussianPrior, UniformPrior
+from hfvolume.results import VolumeResult
+
+logger = logging.getLogger("hfvolume")
+
+SigmaSpec = Union[None, str, float, Mapping[str, float], torch.Tensor]
+PriorMeanSpec = Union[None, Mapping[str, torch.Tensor], nn.Module, torch.Tensor]
+PreconditionerSpec = Union[None, str, Mapping[str, Any], torch.Tensor]
+DEFAULT_BATCH_BYTES = 256 * 2**20  # memory for the [K, D] perturbed rows of one lockstep round
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Evaluate in eval mode and restore the train/eval flags of every submodule and all global RNG states.
+
+    The RNG states (torch CPU and CUDA, Python ``random``, numpy) are restored even though the estimator draws
+    only from private generators, because user code run inside (a DataLoader's sampler, a custom behaviour)
+    may not.
+    """
+    modes = {name: m.training for name, m in model.named_modules()}
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        for name, m in model.named_modules():
+            if name in modes:
+                m.training = modes[name]
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _resolve_sigma(sigma: SigmaSpec, view: ParameterView, anchor: torch.Tensor) -> Union[float, torch.Tensor]:
+    if sigma is None or (isinstance(sigma, str) and sigma == "rms"):
+        rms = float(torch.sqrt(torch.mean(anchor.to(torch.float64) ** 2)))
+        if not (math.isfinite(rms) and rms > 0):
+            raise ValueError("sigma='rms' but the measured parameters are all zero: pass sigma explicitly")
+        return rms
+    if isinstance(sigma, str):
+        raise ValueError(f"unknown sigma {sigma!r}: use a float, 'rms', a mapping name → float, or a [D] tensor")
+    if isinstance(sigma, Mapping):
+        return view.expand_per_tensor(sigma)
+    if isinstance(sigma, torch.Tensor):
+        return sigma
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        return float(sigma)
+    raise TypeError(f"sigma must be None, 'rms', a float, a mapping or a tensor, got {type(sigma).__name__}")
+
+
+def _resolve_prior_mean(prior_mean: PriorMeanSpec, view: ParameterView) -> torch.Tensor | None:
+    if prior_mean is None:
+        return None
+    if isinstance(prior_mean, nn.Module):
+        return view.flatten(dict(prior_mean.named_parameters()))
+    if isinstance(prior_mean, Mapping):
+        return view.flatten(prior_mean)
+    if isinstance(prior_mean, torch.Tensor):
+        if prior_mean.numel() != view.n_params:
+            raise ValueError(f"prior_mean has {prior_mean.numel()} entries, expected {view.n_params}")
+        return prior_mean.reshape(-1)
+    raise TypeError(f"prior_mean must be None, a state dict, a model or a tensor, got {type(prior_mean).__name__}")
+
+
+PRECONDITIONERS = ("adam", "adam-m", "fisher")
+_ADAM_OPTIONS = {"exponent", "eps", "fallback", "betas"}
+_FISHER_OPTIONS = {"exponent", "eps", "n_samples", "damping", "max_batches", "method"}
+
+
+def _named_parameters(model: nn.Module, view: ParameterView) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: params[name] for name in view.names}
+
+
+def _check_options(kind: str, options: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"unknown preconditioner_options {sorted(unknown)} for {kind!r}; allowed: {sorted(allowed)}")
+
+
+def resolve_preconditioner(
+    preconditioner: PreconditionerSpec,
+    view: ParameterView,
+    *,
+    model: nn.Module,
+    optimizer: Any = None,
+    behavior: ModelBehavior | None = None,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Proposal scales ``[D]`` (or None for isotropic) and a JSON-safe description of where they came from.
+
+    ``"adam"`` / ``"adam-m"``: p = 1/(ν̂^γ + η) from ``optimizer`` (a live torch optimizer, accelerate's wrapper,
+    or a Trainer ``checkpoint-N`` directory holding ``optimizer.pt``). ``"fisher"``: p = 1/(F^γ + η) from the
+    diagonal Fisher on the behaviour's batches, labels sampled from the model (ESTIMATOR.md §2).
+    """
+    options = dict(options or {})
+    if preconditioner is None:
+        if options:
+            raise ValueError("preconditioner_options given without a preconditioner")
+        return None, {"name": "isotropic"}
+    if isinstance(preconditioner, str):
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"unknown preconditioner {preconditioner!r}: use one of {PRECONDITIONERS}, a mapping "
+                             "name → scales, or a [D] tensor")
+        named = _named_parameters(model, view)
+        if preconditioner in ("adam", "adam-m"):
+            _check_options(preconditioner, options, _ADAM_OPTIONS)
+            if optimizer is None:
+                raise ValueError(f"preconditioner={preconditioner!r} needs optimizer= (a torch optimizer or a "
+                                 "Trainer checkpoint directory with optimizer.pt)")
+            from hfvolume.optim_state import adam_scales, optimizer_state_from_checkpoint
+
+            source = optimizer
+            if isinstance(optimizer, (str, os.PathLike)):
+                source = optimizer_state_from_checkpoint(optimizer, model)
+            moment = "exp_avg" if preconditioner == "adam-m" else "exp_avg_sq"
+            scales, info = adam_scales(source, named, moment=moment, **options)
+        else:
+            _check_options(preconditioner, options, _FISHER_OPTIONS)
+            if behavior is None:
+                raise ValueError("preconditioner='fisher' needs the evaluation batches")
+            from hfvolume.fisher import fisher_diagonal, fisher_scales
+
+            scale_kw = {k: options.pop(k) for k in ("exponent", "eps") if k in options}
+            fisher = fisher_diagonal(model, behavior.raw_batches, named, seed=seed, **options)
+            scales, info = fisher_scales(fisher, **scale_kw)
+            info = {**info, **{k: v for k, v in options.items() if isinstance(v, (int, float, str))}}
+        return view.flatten(scales, dtype=torch.float64), info
+    if options:
+        raise ValueError("preconditioner_options only apply to 'adam', 'adam-m' and 'fisher'")
+    if isinstance(preconditioner, torch.Tensor):
+        return preconditioner.reshape(-1), {"name": "scales"}
+    if isinstance(preconditioner, Mapping):
+        values = dict(preconditioner)
+        if all(isinstance(v, (int, float)) for v in values.values()):
+            return view.expand_per_tensor(values), {"name": "per-tensor scales"}
+        return view.flatten({n: torch.as_tensor(v) for n, v in values.items()}, dtype=torch.float64), {
+            "name": "per-parameter scales"
+        }
+    raise TypeError(f"preconditioner must be None, a name, a mapping or a tensor, got {type(preconditioner).__name__}")
+
+
+def _check_precision(view: ParameterView, result: VolumeResult, anchor: torch.Tensor) -> None:
+    if view.dtype not in (torch.float16, torch.bfloat16):
+        return
+    radii = [r for r, f in zip(result.radii, result.flags) if f == "converged" and r > 0]
+    if not radii:
+        return
+    per_coord = float(np.median(radii)) / math.sqrt(view.n_params)
+    rms = float(torch.sqrt(torch.mean(anchor.to(torch.float64) ** 2)))
+    resolution = torch.finfo(view.dtype).eps * rms
+    if per_coord < resolution:
+        logger.warning(
+            "typical perturbation per coordinate (%.3g) is below the %s resolution at the weights' scale (%.3g): "
+            "perturbations partly vanish when cast; use a larger cutoff or a float32 copy of the model",
+            per_coord, str(view.dtype).replace("torch.", ""), resolution,
+        )
+
+
+def estimate_local_volume(
+    model: nn.Module,
+    data: Union[Iterable[Any], Any],
+    *,
+    behavior: Union[str, Callable[..., torch.Tensor]] = "kl",
+    cutoff: float = 1e-2,
+    prior: Union[str, GaussianPrior, UniformPrior] = "gaussian",
+    sigma: SigmaSpec = None,
+    prior_mean: PriorMeanSpec = None,
+    n_directions: int = 64,
+    preconditioner: PreconditionerSpec = None,
+    optimizer: Any = None,
+    mixture: float = 0.0,
+    params: Union[str, Iterable[str], Callable[[str, nn.Parameter], bool]] = "trainable",
+    seed: int = 0,
+    rtol: float = 1e-2,
+    radius_method: str = "secant",
+    directions_per_batch: int | None = None,
+    max_batches: int | None = None,
+    max_examples: int | None = None,
+    collate_fn: Callable[..., Any] | None = None,
+    batch_size: int | None = None,
+    anchor_cache: str = "auto",
+    progress: bool = True,
+    preconditioner_options: Mapping[str, Any] | None = None,
+) -> VolumeResult:
+    """Estimate the local volume of ``model`` around its current weights, on ``data`` (ESTIMATOR.md).
+
+    Args:
+        model: any ``torch.nn.Module``; Hugging Face outputs are read from ``.logits`` (KL), ``.loss`` (loss) or
+            ``.last_hidden_state`` (output distance). Left bit-for-bit unchanged, in its original train/eval mode.
+        data: a DataLoader, an iterable of batches (dicts → keyword arguments, tuples → positional), or a
+            ``datasets.Dataset`` (with ``collate_fn`` and ``batch_size``). All of it is evaluated unless
+            ``max_batches`` / ``max_examples`` limit it; batches are materialised once.
+        behavior: "kl" (mean KL(anchor ‖ perturbed) over scored positions, nats), "loss" (the model's loss minus
+            the anchor's), "output" (mean squared output distance), or a callable ``(outputs, batch) -> scalar``.
+        cutoff: ε, in the behaviour's units (nats for KL).
+        prior: "gaussian" or "uniform" or an instance; with a :class:`GaussianPrior` instance leave ``sigma``
+            and ``prior_mean`` unset.
+        sigma: Gaussian σ: None/"rms" (RMS of the measured parameters), a float, a mapping name → σ (per
+            tensor), or a ``[D]`` tensor.
+        prior_mean: None (origin), a state dict / model whose parameters are the centre (e.g. the base model of
+            a fine-tune: the result then measures the information the fine-tune added), or a ``[D]`` tensor.
+        n_directions: number of directions.
+        preconditioner: proposal scales: None (isotropic), a mapping name → tensor of per-coordinate scales or
+            name → float, or a ``[D]`` tensor.
+        optimizer: the training optimizer, for optimizer-state proposals.
+        mixture: defensive-mixture fraction α of isotropic directions.
+        params: "trainable" (default: parameters with ``requires_grad``), "all", a list of names, or a predicate.
+        seed: direction i depends only on (seed, i).
+        rtol: radius tolerance, relative to the cutoff.
+        directions_per_batch: rays searched in lockstep; None chooses from the parameter count (the [K, D]
+            perturbed rows stay under 256 MiB).
+        anchor_cache: where the anchor's outputs are kept: "auto", "device", "cpu" or "recompute".
+        progress: show a progress bar.
+
+    Returns:
+        :class:`VolumeResult`; ``settings`` records the behaviour, data size, parameters and every knob.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(prior, GaussianPrior) and (sigma is not None or prior_mean is not None):
+        raise ValueError("pass sigma/prior_mean either inside GaussianPrior(...) or as arguments, not both")
+    view = ParameterView.from_model(model, params)
+    with preserved_state(model):
+        fn = ModelBehavior(
+            model, data, view, behavior=behavior, max_batches=max_batches, max_examples=max_examples,
+            anchor_cache=anchor_cache, collate_fn=collate_fn, batch_size=batch_size,
+        )
+        anchor = view.flatten(model)
+        if isinstance(prior, str) and prior.lower() == "gaussian":
+            prior = GaussianPrior(sigma=_resolve_sigma(sigma, view, anchor), mean=_resolve_prior_mean(prior_mean, view))
+        elif sigma is not None or prior_mean is not None:
+            if not (isinstance(prior, str) and prior.lower() == "uniform") and not isinstance(prior, UniformPrior):
+                raise ValueError(f"unknown prior {prior!r}")
+            raise ValueError("sigma and prior_mean apply to the Gaussian prior only")
+        scales, proposal_info = resolve_preconditioner(
+            preconditioner, view, model=model, optimizer=optimizer, behavior=fn, seed=seed,
+            options=preconditioner_options,
+        )
+        if directions_per_batch is None:
+            row_bytes = view.n_params * (8 if anchor.dtype == torch.float64 else 4)
+            directions_per_batch = int(max(1, min(32, DEFAULT_BATCH_BYTES // max(row_bytes, 1))))
+        result = estimate_log_volume(
+            fn,
+            anchor,
+            cutoff=cutoff,
+            prior=prior,
+            n_directions=n_directions,
+            scales=scales,
+            mixture=mixture,
+            seed=seed,
+            rtol=rtol,
+            batch_size=directions_per_batch,
+            batched=True,
+            radius_method=radius_method,  # type: ignore[arg-type]
+            progress=progress,
+            proposal_info=proposal_info,
+            extra_settings={"behavior": fn.describe(), "parameters": view.describe()},
+        )
+    _check_precision(view, result, anchor)
+    return result
+
+
+__all__ = ["estimate_local_volume", "preserved_state", "resolve_preconditioner"]
