@@ -192,7 +192,7 @@ def main() -> None:
             cache = r.get("anchor_cache_bytes", 0) / 2**20
             print(f"| {case} | {r['method']} | {r['directions']} | {r['passes_per_direction']:.2f} | "
                   f"{r['dirs_per_s']:.3f} | {r['dirs_per_s'] / base['dirs_per_s']:.1f}× | {r['extra_mb']:.1f} | "
-                  f"{r["params_mb"]:.2f} | {cache:.2f} |")
+                  f"{r['params_mb']:.2f} | {cache:.2f} |")
 
 
 if __name__ == "__main__":
