@@ -27,7 +27,7 @@ import time
 import psutil
 import torch
 
-CASES = {"mlp": (32, 8), "neox": (8, 3), "minilm": (4, 2)}  # (hfvolume directions, baseline directions)
+CASES = {"mlp": (32, 8), "neox": (16, 3), "minilm": (16, 2)}  # (hfvolume directions, baseline directions)
 
 
 def build(case: str):

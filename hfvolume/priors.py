@@ -20,6 +20,7 @@ import torch
 from hfvolume.numerics import log_ray_integral, log_sphere_area, log_unit_ball_volume, saturation_radius
 from hfvolume.results import DirectionFlag
 
+_COEFF_CHUNK = 1 << 18  # coordinates per float64 chunk when forming a and b
 SATURATION_LOG_TOL = -40.0  # stop searching once the prior mass beyond the radius is < e^-40 of the ray's total
 
 
@@ -133,13 +134,17 @@ class ResolvedGaussianPrior:
 
     def ray_coefficients(self, directions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """a = Σ w_i²/s_i² and b = −Σ d_i w_i/s_i² for ``[K, D]`` unit directions → two ``[K]`` float64 arrays."""
-        a = np.empty(directions.shape[0])
-        b = np.empty(directions.shape[0])
-        for k in range(directions.shape[0]):
-            # One row at a time in float64 keeps the extra memory O(D) while summing D terms accurately.
-            w = directions[k].detach().to(device="cpu", dtype=torch.float64)
-            a[k] = float(torch.sum(w * w * self._inv_var))  # type: ignore[attr-defined]
-            b[k] = -float(torch.sum(w * self._d_inv_var))  # type: ignore[attr-defined]
+        k_rows, n = directions.shape
+        a = np.zeros(k_rows)
+        b = np.zeros(k_rows)
+        inv_var, d_inv_var = self._inv_var, self._d_inv_var  # type: ignore[attr-defined]
+        for k in range(k_rows):
+            # Row by row (never a K-dependent reduction, so a row's value does not depend on the batch) and in
+            # coordinate chunks, so the float64 temporaries stay cache-sized rather than D-sized.
+            for start in range(0, n, _COEFF_CHUNK):
+                w = directions[k, start : start + _COEFF_CHUNK].detach().to(device="cpu", dtype=torch.float64)
+                a[k] += float(torch.dot(w * w, inv_var[start : start + _COEFF_CHUNK]))
+                b[k] -= float(torch.dot(w, d_inv_var[start : start + _COEFF_CHUNK]))
         return a, b
 
     def rays(self, directions: torch.Tensor) -> "GaussianRays":
