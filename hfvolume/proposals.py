@@ -56,6 +56,25 @@ def gaussian_direction(
     return out
 
 
+_NORM_CHUNK = 1 << 18
+
+
+def sum_squares_f64(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """Σ x_i² (or Σ x_i² w_i) accumulated in float64 over cache-sized chunks of a 1-D tensor.
+
+    Direction norms must be accurate to well below 1/D: a unit direction off by a factor (1 + ε) shifts the
+    polar-coordinate Jacobian t^{D−1} by e^{Dε}. Upcasting the whole vector would cost a D-sized float64 copy.
+    """
+    total = 0.0
+    for start in range(0, x.numel(), _NORM_CHUNK):
+        c = x[start : start + _NORM_CHUNK].to(dtype=torch.float64)
+        if weights is None:
+            total += float(torch.dot(c, c))
+        else:
+            total += float(torch.dot(c * c, weights[start : start + _NORM_CHUNK]))
+    return total
+
+
 def normalize_log_scales(
     scales: torch.Tensor | np.ndarray | Sequence[float], n_params: int
 ) -> torch.Tensor | None:
@@ -122,25 +141,25 @@ class Proposal:
         log(1−α) + log q_ACG). An isotropic proposal has weight 1 (log 0) exactly.
         """
         scales = None if self.log_scales is None else torch.exp(self.log_scales)
-        rows, log_w = [], np.zeros(len(indices), dtype=np.float64)
+        inv_sq = None if scales is None else scales.pow(-2)
+        out = torch.empty(len(indices), n_params, dtype=dtype)
+        log_w = np.zeros(len(indices), dtype=np.float64)
         for k, i in enumerate(indices):
-            u = gaussian_direction(int(i), n_params, seed=seed, dtype=dtype)
+            row = out[k]
+            row.copy_(gaussian_direction(int(i), n_params, seed=seed, dtype=dtype))
             if scales is not None and not is_isotropic_draw(int(i), self.mixture):
-                v = (u.to(torch.float64) * scales).to(dtype)
-            else:
-                v = u
-            w = v / torch.linalg.vector_norm(v, dtype=torch.float64).to(dtype)
-            if scales is not None and self.mixture < 1.0:
+                row.copy_(row.to(torch.float64) * scales)
+            row.div_(math.sqrt(sum_squares_f64(row)))
+            if inv_sq is not None and self.mixture < 1.0:
                 # |P⁻¹ w| from the w actually used, so the weight matches the direction that is perturbed along.
-                log_norm_pinv_w = float(torch.log(torch.linalg.vector_norm(w.to(torch.float64) / scales)))
+                log_norm_pinv_w = 0.5 * math.log(sum_squares_f64(row, inv_sq))
                 log_q_acg = -n_params * log_norm_pinv_w
                 if self.mixture > 0.0:
                     log_q = float(np.logaddexp(math.log(self.mixture), math.log1p(-self.mixture) + log_q_acg))
                 else:
                     log_q = log_q_acg
                 log_w[k] = -log_q
-            rows.append(w)
-        return torch.stack(rows).to(device), log_w
+        return out.to(device), log_w
 
 
-__all__ = ["BLOCK", "Proposal", "gaussian_direction", "is_isotropic_draw", "normalize_log_scales"]
+__all__ = ["BLOCK", "Proposal", "gaussian_direction", "is_isotropic_draw", "normalize_log_scales", "sum_squares_f64"]
