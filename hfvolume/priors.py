@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hfvolume.numerics import log_ray_integral, log_sphere_area, log_unit_ball_volume, saturation_radius
+from hfvolume.proposals import sum_squares_f64
 from hfvolume.results import DirectionFlag
 
 _COEFF_CHUNK = 1 << 18  # coordinates per float64 chunk when forming a and b
@@ -70,22 +71,30 @@ class GaussianPrior:
 
     def resolve(self, anchor: torch.Tensor) -> "ResolvedGaussianPrior":
         n = anchor.numel()
-        theta0 = anchor.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        # The anchor is read in place (chunks are upcast on the fly): a float64 copy would cost 8·D bytes.
+        theta0 = anchor.detach().to(device="cpu").reshape(-1)
+        sigma: Union[float, torch.Tensor]
         if self.sigma is None:
-            rms = float(torch.sqrt(torch.mean(theta0 * theta0)))
+            rms = math.sqrt(sum_squares_f64(theta0) / n)
             if not (math.isfinite(rms) and rms > 0):
                 raise ValueError("sigma=None uses the RMS of the anchor, which is 0: pass sigma explicitly")
-            sigma = torch.full((n,), rms, dtype=torch.float64)
-        else:
+            sigma = rms
+        elif isinstance(self.sigma, torch.Tensor) and self.sigma.numel() > 1:
             sigma = _as_vector(self.sigma, n, "sigma")
-        bad = torch.nonzero(~torch.isfinite(sigma) | (sigma <= 0))
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(f"sigma must be positive and finite; sigma[{i}] = {float(sigma[i])!r}")
-        mean = torch.zeros(n, dtype=torch.float64) if self.mean is None else _as_vector(self.mean, n, "mean")
-        if not torch.isfinite(mean).all():
+            bad = torch.nonzero(~torch.isfinite(sigma) | (sigma <= 0))
+            if bad.numel():
+                i = int(bad[0, 0])
+                raise ValueError(f"sigma must be positive and finite; sigma[{i}] = {float(sigma[i])!r}")
+            if bool(torch.all(sigma == sigma[0])):
+                sigma = float(sigma[0])
+        else:
+            sigma = float(self.sigma)
+            if not (math.isfinite(sigma) and sigma > 0):
+                raise ValueError(f"sigma must be positive and finite; sigma = {sigma!r}")
+        mean = None if self.mean is None else _as_vector(self.mean, n, "mean")
+        if mean is not None and not torch.isfinite(mean).all():
             raise ValueError("prior mean has non-finite entries")
-        return ResolvedGaussianPrior(theta0=theta0, sigma=sigma, mean=mean, centred_at_origin=self.mean is None)
+        return ResolvedGaussianPrior(theta0=theta0, sigma=sigma, mean=mean)
 
 
 @dataclass(frozen=True)
@@ -109,19 +118,39 @@ class UniformPrior:
 
 @dataclass(frozen=True, eq=False)
 class ResolvedGaussianPrior:
-    theta0: torch.Tensor  # [D] float64
-    sigma: torch.Tensor  # [D] float64
-    mean: torch.Tensor  # [D] float64
-    centred_at_origin: bool
+    """N(m, diag(s²)) about a given anchor, stored compactly: a scalar σ stays a float and the origin stays None,
+    so the only D-sized state is the anchor itself (not copied) unless per-coordinate σ or a mean is given."""
+
+    theta0: torch.Tensor  # [D] anchor, any float dtype
+    sigma: Union[float, torch.Tensor]  # σ, or [D] float64
+    mean: Union[torch.Tensor, None]  # [D] float64, or None for the origin
+
+    @property
+    def centred_at_origin(self) -> bool:
+        return self.mean is None
+
+    def _chunk(self, start: int, stop: int) -> tuple[torch.Tensor, Union[float, torch.Tensor]]:
+        """(d = θ0 − m, 1/s²) on coordinates [start, stop), float64."""
+        d = self.theta0[start:stop].to(torch.float64)
+        if self.mean is not None:
+            d = d - self.mean[start:stop]
+        if isinstance(self.sigma, float):
+            return d, 1.0 / (self.sigma * self.sigma)
+        s = self.sigma[start:stop]
+        return d, 1.0 / (s * s)
 
     def __post_init__(self) -> None:
-        inv_var = 1.0 / (self.sigma * self.sigma)
-        d = self.theta0 - self.mean
-        object.__setattr__(self, "_inv_var", inv_var)
-        object.__setattr__(self, "_d_inv_var", d * inv_var)
-        object.__setattr__(self, "_norm_term", float(-0.5 * torch.sum(d * d * inv_var)))
-        log_det = float(torch.sum(torch.log(2 * math.pi * self.sigma * self.sigma)))
-        object.__setattr__(self, "_log_c", self._norm_term - 0.5 * log_det)
+        n = self.theta0.numel()
+        norm = 0.0
+        for start in range(0, n, _COEFF_CHUNK):
+            d, inv_var = self._chunk(start, start + _COEFF_CHUNK)
+            norm += float(torch.sum(d * d * inv_var))
+        if isinstance(self.sigma, float):
+            log_det = n * math.log(2 * math.pi * self.sigma * self.sigma)
+        else:
+            log_det = float(torch.sum(torch.log(2 * math.pi * self.sigma * self.sigma)))
+        object.__setattr__(self, "_norm_term", -0.5 * norm)
+        object.__setattr__(self, "_log_c", -0.5 * norm - 0.5 * log_det)
 
     @property
     def n_params(self) -> int:
@@ -137,14 +166,18 @@ class ResolvedGaussianPrior:
         k_rows, n = directions.shape
         a = np.zeros(k_rows)
         b = np.zeros(k_rows)
-        inv_var, d_inv_var = self._inv_var, self._d_inv_var  # type: ignore[attr-defined]
-        for k in range(k_rows):
-            # Row by row (never a K-dependent reduction, so a row's value does not depend on the batch) and in
-            # coordinate chunks, so the float64 temporaries stay cache-sized rather than D-sized.
-            for start in range(0, n, _COEFF_CHUNK):
+        for start in range(0, n, _COEFF_CHUNK):
+            # Coordinate chunks keep float64 temporaries cache-sized; each row is reduced on its own, so a row's
+            # value does not depend on how many rows are in the batch.
+            d, inv_var = self._chunk(start, start + _COEFF_CHUNK)
+            d_inv_var = d * inv_var
+            for k in range(k_rows):
                 w = directions[k, start : start + _COEFF_CHUNK].detach().to(device="cpu", dtype=torch.float64)
-                a[k] += float(torch.dot(w * w, inv_var[start : start + _COEFF_CHUNK]))
-                b[k] -= float(torch.dot(w, d_inv_var[start : start + _COEFF_CHUNK]))
+                if isinstance(inv_var, float):
+                    a[k] += inv_var * float(torch.dot(w, w))
+                else:
+                    a[k] += float(torch.dot(w * w, inv_var))
+                b[k] -= float(torch.dot(w, d_inv_var))
         return a, b
 
     def rays(self, directions: torch.Tensor) -> "GaussianRays":
@@ -152,14 +185,13 @@ class ResolvedGaussianPrior:
         return GaussianRays(prior=self, a=a, b=b)
 
     def describe(self) -> dict[str, Any]:
-        s = self.sigma
-        uniform_sigma = bool(torch.all(s == s[0]))
-        return {
-            "name": "gaussian",
-            "sigma": float(s[0]) if uniform_sigma else "per-coordinate",
-            "sigma_rms": float(torch.sqrt(torch.mean(s * s))),
-            "mean": "origin" if self.centred_at_origin else "custom",
-        }
+        if isinstance(self.sigma, float):
+            sigma: Any = self.sigma
+            sigma_rms = self.sigma
+        else:
+            sigma, sigma_rms = "per-coordinate", float(torch.sqrt(torch.mean(self.sigma * self.sigma)))
+        return {"name": "gaussian", "sigma": sigma, "sigma_rms": sigma_rms,
+                "mean": "origin" if self.centred_at_origin else "custom"}
 
 
 @dataclass(frozen=True, eq=False)
