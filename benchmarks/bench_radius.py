@@ -66,7 +66,7 @@ def main() -> None:
             rows.append((name, rtol, per_method))
     print(f"\nEvaluations of Δ per direction (D={args.dim}, {args.directions} directions, cutoff 1e-2, "
           "pilot included)\n")
-    print(f"| behaviour | rtol | secant | bisection | ratio | failed (s/b) | log volume secant / bisection |")
+    print("| behaviour | rtol | secant | bisection | ratio | failed (s/b) | log volume secant / bisection |")
     print("|---|---|---|---|---|---|---|")
     for name, rtol, m in rows:
         s, b = m["secant"], m["bisection"]

@@ -305,6 +305,43 @@ def is_causal_lm(model: nn.Module) -> bool:
     return bool(getattr(config, "is_decoder", False))
 
 
+def scored_position_mask(
+    batch: Any,
+    lead: tuple[int, ...],
+    *,
+    device: torch.device,
+    causal: bool,
+    encoder_decoder: bool,
+    use_labels: bool = True,
+) -> torch.Tensor:
+    """Boolean mask over an output's leading dims ``lead`` of the positions that are scored (ESTIMATOR.md §1).
+
+    ``attention_mask != 0`` (``decoder_attention_mask`` for encoder-decoders) where its shape equals ``lead``;
+    with ``use_labels`` and ``[B, T]`` outputs also ``labels != -100``, shifted for causal LMs (HF scores logits[t]
+    against labels[t + 1], so the last position is never scored); a ``shift_labels`` entry is used as given.
+    Shared by the KL behaviour and the Fisher proposal, so the Fisher is the curvature of exactly that Δ.
+    """
+    mask = torch.ones(lead, dtype=torch.bool, device=device)
+    if not isinstance(batch, Mapping):
+        return mask
+    am = batch.get("decoder_attention_mask") if encoder_decoder else batch.get("attention_mask")
+    if isinstance(am, torch.Tensor) and tuple(am.shape) == lead:
+        mask &= am.to(device) != 0
+    if use_labels and len(lead) == 2:
+        shift, labels = batch.get("shift_labels"), batch.get("labels")
+        if isinstance(shift, torch.Tensor) and tuple(shift.shape) == lead:
+            mask &= shift.to(device) != IGNORE_INDEX  # already aligned with the logits by the caller
+        elif isinstance(labels, torch.Tensor) and tuple(labels.shape) == lead:
+            labels = labels.to(device)
+            if causal:
+                nxt = torch.full_like(labels, IGNORE_INDEX)
+                nxt[:, :-1] = labels[:, 1:]
+                mask &= nxt != IGNORE_INDEX
+            else:
+                mask &= labels != IGNORE_INDEX
+    return mask
+
+
 def _any_training(model: nn.Module) -> bool:
     return any(m.training for m in model.modules())
 
@@ -582,25 +619,10 @@ class ModelBehavior:
             lead, width = (int(np.prod(row_shape)) if row_shape else 1,), 1
         else:
             lead, width = tuple(row_shape[:-1]), int(row_shape[-1])
-        mask = torch.ones(lead, dtype=torch.bool, device=self.device)
-        kw = batch.kwargs
-        am = kw.get("decoder_attention_mask") if self._encoder_decoder else kw.get("attention_mask")
-        if isinstance(am, torch.Tensor) and tuple(am.shape) == lead:
-            mask &= am.to(self.device) != 0
-        if self._kind == "kl" and len(lead) == 2:
-            shift = kw.get("shift_labels")
-            labels = kw.get("labels")
-            if isinstance(shift, torch.Tensor) and tuple(shift.shape) == lead:
-                mask &= shift.to(self.device) != IGNORE_INDEX  # already aligned with logits by the caller
-            elif isinstance(labels, torch.Tensor) and tuple(labels.shape) == lead:
-                labels = labels.to(self.device)
-                if self._causal:
-                    # HF causal LMs score logits[t] against labels[t + 1]; the last position has no target.
-                    nxt = torch.full_like(labels, IGNORE_INDEX)
-                    nxt[:, :-1] = labels[:, 1:]
-                    mask &= nxt != IGNORE_INDEX
-                else:
-                    mask &= labels != IGNORE_INDEX
+        mask = scored_position_mask(
+            batch.kwargs, lead, device=self.device, causal=self._causal, encoder_decoder=self._encoder_decoder,
+            use_labels=self._kind == "kl",
+        )
         index = torch.nonzero(mask.reshape(-1)).reshape(-1)
         return index, width
 

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-import torch
 from torch import nn
 
 from hfvolume.results import VolumeResult
@@ -151,12 +150,12 @@ def run_estimate(args: EstimateArguments) -> tuple[VolumeResult, dict[str, Any]]
         info["model"] = {"name": "digits-mlp-64-64-64-10", "train_accuracy": trained.train_accuracy,
                          "eval_accuracy": trained.eval_accuracy}
     elif ":" in args.model and not os.path.exists(args.model):
+        if args.data is not None:
+            raise ValueError("--data does not apply to a model factory: return (model, data) from the factory")
         model, data = _load_factory(args.model)
         info["model"] = {"factory": args.model}
         if data is None:
-            if args.data is None:
-                raise ValueError(f"{args.model} returned no data: pass --data")
-            raise ValueError("--data with a model factory is not supported: return (model, data) from the factory")
+            raise ValueError(f"{args.model} returned only a model: return (model, data) so there is data to measure on")
     else:
         if not os.path.isdir(args.model):
             raise FileNotFoundError(f"model directory {args.model} does not exist")

@@ -41,12 +41,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from hfvolume.optim_state import check_scale_settings, inverse_power_scale
-from hfvolume.behaviors import is_causal_lm
+from hfvolume.behaviors import is_causal_lm, scored_position_mask
 
 logger = logging.getLogger("hfvolume")
 
 METHODS = ("auto", "vmap", "loop")
-IGNORE_INDEX = -100  # label value of unscored positions (transformers' convention)
 LABEL_KEYS = ("labels", "shift_labels")  # dropped from dict batches before the forward
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # per-example gradients held at once: chunk · D ≤ this (float32 → 128 MiB)
 
@@ -113,33 +112,13 @@ def _sample_labels(logits: torch.Tensor, n_samples: int, generator: torch.Genera
 
 
 def _score_mask(raw: Any, logits: torch.Tensor, *, causal: bool, encoder_decoder: bool) -> torch.Tensor:
-    """Which logits rows are scored: ``[B]`` ones for ``[B, C]`` logits, a ``[B, T]`` 0/1 float mask for ``[B, T, V]``.
-
-    The positions the KL behaviour scores (so that F is the Hessian of exactly that Δ): ``attention_mask != 0``
-    (``decoder_attention_mask`` for encoder-decoders) when its shape is ``[B, T]``; with per-token ``labels`` of
-    shape ``[B, T]`` also ``labels != -100`` — shifted for causal LMs (position t is scored when
-    ``labels[t + 1] != -100``, the last never), unshifted otherwise; a ``shift_labels`` entry is used as is.
-    The labels only select positions; they are never passed to the model nor used as targets.
-    """
+    """``[B]`` ones for ``[B, C]`` logits, else a ``[B, T]`` 0/1 float mask of the positions the KL behaviour scores
+    (:func:`hfvolume.behaviors.scored_position_mask`, so F is the curvature of exactly that Δ). Labels only select
+    positions; they are never passed to the model nor used as targets."""
     if logits.ndim == 2:
         return torch.ones(logits.shape[0], dtype=torch.float32, device=logits.device)
-    lead = tuple(logits.shape[:2])
-    mask = torch.ones(lead, dtype=torch.bool, device=logits.device)
-    if isinstance(raw, Mapping):
-        am = raw.get("decoder_attention_mask") if encoder_decoder else raw.get("attention_mask")
-        if isinstance(am, torch.Tensor) and tuple(am.shape) == lead:
-            mask &= am.to(logits.device) != 0
-        shift, labels = raw.get("shift_labels"), raw.get("labels")
-        if isinstance(shift, torch.Tensor) and tuple(shift.shape) == lead:
-            mask &= shift.to(logits.device) != IGNORE_INDEX
-        elif isinstance(labels, torch.Tensor) and tuple(labels.shape) == lead:
-            labels = labels.to(logits.device)
-            if causal:
-                nxt = torch.full_like(labels, IGNORE_INDEX)
-                nxt[:, :-1] = labels[:, 1:]
-                mask &= nxt != IGNORE_INDEX
-            else:
-                mask &= labels != IGNORE_INDEX
+    mask = scored_position_mask(raw, tuple(logits.shape[:2]), device=logits.device, causal=causal,
+                                encoder_decoder=encoder_decoder)
     return mask.to(torch.float32)
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hfvolume.behaviors import ModelBehavior
+from hfvolume.behaviors import ModelBehavior, smallest_relative_step
 from hfvolume.estimator import estimate_log_volume
-from hfvolume.params import ParameterView
+from hfvolume.params import ParameterView, rms
 from hfvolume.priors import GaussianPrior, UniformPrior
 from hfvolume.results import VolumeResult
 
@@ -58,12 +58,9 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-def _resolve_sigma(sigma: SigmaSpec, view: ParameterView, anchor: torch.Tensor) -> Union[float, torch.Tensor]:
+def _resolve_sigma(sigma: SigmaSpec, view: ParameterView) -> Union[float, torch.Tensor, None]:
     if sigma is None or (isinstance(sigma, str) and sigma == "rms"):
-        rms = float(torch.sqrt(torch.mean(anchor.to(torch.float64) ** 2)))
-        if not (math.isfinite(rms) and rms > 0):
-            raise ValueError("sigma='rms' but the measured parameters are all zero: pass sigma explicitly")
-        return rms
+        return None  # GaussianPrior takes the RMS of the anchor itself
     if isinstance(sigma, str):
         raise ValueError(f"unknown sigma {sigma!r}: use a float, 'rms', a mapping name → float, or a [D] tensor")
     if isinstance(sigma, Mapping):
@@ -169,19 +166,20 @@ def resolve_preconditioner(
 
 
 def _check_precision(view: ParameterView, result: VolumeResult, anchor: torch.Tensor) -> None:
-    if view.dtype not in (torch.float16, torch.bfloat16):
+    resolution = smallest_relative_step(view)
+    if resolution <= torch.finfo(torch.float32).eps:
         return
     radii = [r for r, f in zip(result.radii, result.flags) if f == "converged" and r > 0]
     if not radii:
         return
     per_coord = float(np.median(radii)) / math.sqrt(view.n_params)
-    rms = float(torch.sqrt(torch.mean(anchor.to(torch.float64) ** 2)))
-    resolution = torch.finfo(view.dtype).eps * rms
-    if per_coord < resolution:
+    scale = resolution * rms(anchor)
+    if per_coord < scale:
         logger.warning(
-            "typical perturbation per coordinate (%.3g) is below the %s resolution at the weights' scale (%.3g): "
-            "perturbations partly vanish when cast; use a larger cutoff or a float32 copy of the model",
-            per_coord, str(view.dtype).replace("torch.", ""), resolution,
+            "typical perturbation per coordinate (%.3g) is below the resolution of the model's low-precision "
+            "parameters at the weights' scale (%.3g): perturbations partly vanish when cast; use a larger cutoff "
+            "or a float32 copy of the model",
+            per_coord, scale,
         )
 
 
@@ -256,11 +254,9 @@ def estimate_local_volume(
         )
         anchor = view.flatten(model)
         if isinstance(prior, str) and prior.lower() == "gaussian":
-            prior = GaussianPrior(sigma=_resolve_sigma(sigma, view, anchor), mean=_resolve_prior_mean(prior_mean, view))
+            prior = GaussianPrior(sigma=_resolve_sigma(sigma, view), mean=_resolve_prior_mean(prior_mean, view))
         elif sigma is not None or prior_mean is not None:
-            if not (isinstance(prior, str) and prior.lower() == "uniform") and not isinstance(prior, UniformPrior):
-                raise ValueError(f"unknown prior {prior!r}")
-            raise ValueError("sigma and prior_mean apply to the Gaussian prior only")
+            raise ValueError(f"sigma and prior_mean apply to the Gaussian prior only, not to prior={prior!r}")
         scales, proposal_info = resolve_preconditioner(
             preconditioner, view, model=model, optimizer=optimizer, behavior=fn, seed=seed,
             options=preconditioner_options,

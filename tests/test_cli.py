@@ -57,3 +57,10 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["estimate", "--model", str(tmp_path / "missing"), "--data", "x.txt"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
+
+
+def test_model_factory_must_return_data(capsys):
+    assert main(["estimate", "--model", "torch.nn:Identity"]) == 1
+    assert "return (model, data)" in capsys.readouterr().err
+    assert main(["estimate", "--model", "torch.nn:Identity", "--data", "x.txt"]) == 1
+    assert "does not apply" in capsys.readouterr().err

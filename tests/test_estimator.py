@@ -16,7 +16,7 @@ import torch
 from hfvolume import GaussianPrior, UniformPrior, estimate_log_volume
 from hfvolume.numerics import log_unit_ball_volume
 from hfvolume.proposals import Proposal, gaussian_direction
-from hfvolume.results import DirectionFlag, VolumeResult
+from hfvolume.results import VolumeResult
 
 K_SE = 4.0  # band width in standard errors for Monte-Carlo comparisons
 
@@ -111,7 +111,7 @@ def test_gaussian_prior_ball_at_mean_gives_chi_square_cdf(d, r_over_typical):
 
 # --------------------------------------------------------------------------------------------- oracle 4
 def test_saturated_rays_average_to_total_mass_one():
-    d, sigma, n = 3, 1.0, 3000
+    sigma, n = 1.0, 3000
     anchor = torch.tensor([0.8, -0.3, 0.5], dtype=torch.float64)
     res = run(lambda th: torch.zeros(th.shape[0], dtype=th.dtype), anchor, cutoff=1e-2,
               prior=GaussianPrior(sigma=sigma), n_directions=n, batch_size=500)

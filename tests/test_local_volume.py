@@ -156,7 +156,7 @@ def test_loss_and_output_behaviours(make_bert, cls_batch):
         ({"prior": "laplace"}, ValueError, "prior"),
         ({"preconditioner": "shampoo"}, ValueError, "preconditioner"),
         ({"preconditioner": "adam"}, ValueError, "optimizer"),
-        ({"params": []}, ValueError, ""),
+        ({"params": []}, ValueError, "nothing to measure"),
         ({"sigma": "median"}, ValueError, "sigma"),
     ],
 )
