@@ -6,9 +6,15 @@ the network's information content.
 """
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
 
+# Directory of the evaluate module: ``evaluate.load(hfvolume.METRIC_PATH)`` works offline.
+METRIC_PATH = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "metrics", "local_volume")
+
 from hfvolume.behaviors import ModelBehavior
+from hfvolume.callback import LocalVolumeCallback, LocalVolumeConfig, volume_series
 from hfvolume.estimator import estimate_log_volume
 from hfvolume.fisher import fisher_diagonal
 from hfvolume.local_volume import estimate_local_volume
@@ -21,6 +27,9 @@ from hfvolume.results import DirectionFlag, VolumeResult
 __all__ = [
     "DirectionFlag",
     "GaussianPrior",
+    "LocalVolumeCallback",
+    "LocalVolumeConfig",
+    "METRIC_PATH",
     "ModelBehavior",
     "ParameterView",
     "UniformPrior",
@@ -32,4 +41,5 @@ __all__ = [
     "fisher_diagonal",
     "optimizer_state_from_checkpoint",
     "update_model_card",
+    "volume_series",
 ]

@@ -6,6 +6,7 @@ running the demo never touches the caller's global RNG.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,6 +71,36 @@ def digits_mlp(*, seed: int = 0, hidden: int = 64, depth: int = 2) -> nn.Sequent
     return model
 
 
+class DigitsClassifier(nn.Module):
+    """The digits MLP behind a Trainer-style interface: ``forward(pixel_values [b, 64], labels [b] | None)`` returns
+    a ``SequenceClassifierOutput`` with ``logits`` ``[b, 10]`` and, given labels, the mean cross-entropy ``loss``."""
+
+    def __init__(self, *, seed: int = 0, hidden: int = 64, depth: int = 2) -> None:
+        super().__init__()
+        self.mlp = digits_mlp(seed=seed, hidden=hidden, depth=depth)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.mlp(pixel_values)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def digits_datasets(*, seed: int = 0, corrupt_fraction: float = 0.0) -> tuple[Any, Any]:
+    """(train, eval) ``datasets.Dataset`` with columns ``pixel_values`` (64 floats) and ``labels`` (int), torch
+    format: what :class:`DigitsClassifier` and ``transformers.default_data_collator`` expect."""
+    from datasets import Dataset
+
+    data = load_digits_data(seed=seed, corrupt_fraction=corrupt_fraction)
+    out = []
+    for x, y in ((data.x_train, data.y_train), (data.x_eval, data.y_eval)):
+        ds = Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()})
+        ds.set_format("torch")
+        out.append(ds)
+    return out[0], out[1]
+
+
 @dataclass
 class TrainedDigits:
     model: nn.Sequential
@@ -110,4 +141,12 @@ def train_digits_mlp(
     return TrainedDigits(model, opt, initial, data, train_acc, eval_acc)
 
 
-__all__ = ["DigitsData", "TrainedDigits", "digits_mlp", "load_digits_data", "train_digits_mlp"]
+__all__ = [
+    "DigitsClassifier",
+    "DigitsData",
+    "TrainedDigits",
+    "digits_datasets",
+    "digits_mlp",
+    "load_digits_data",
+    "train_digits_mlp",
+]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -108,3 +110,25 @@ def model_at(model: nn.Module, view, theta: torch.Tensor) -> nn.Module:
 def at() -> Callable[..., nn.Module]:
     """The :func:`model_at` helper as a fixture."""
     return model_at
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A loopback Hub (tests/hub_server.py); the client is isolated from the user's token, cache and the network."""
+    from huggingface_hub import constants
+
+    from hfvolume import modelcard
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_server import HubServer
+
+    # The first request would otherwise fetch the agent-harness list from huggingface.co (user-agent telemetry).
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(modelcard, "RETRY_BACKOFF_S", 0.01)
+    with HubServer() as server:
+        yield server
+        assert server.unhandled == [], f"the client called endpoints the test hub lacks: {server.unhandled}"

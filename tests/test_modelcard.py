@@ -383,23 +383,6 @@ def test_example_card_is_current() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ Hub
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A loopback Hub; the client is isolated from the user's token, cache and the network."""
-    from huggingface_hub import constants
-
-    # The first request would otherwise fetch the agent-harness list from huggingface.co (user-agent telemetry).
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(mc, "RETRY_BACKOFF_S", 0.01)
-    with HubServer() as server:
-        yield server
-        assert server.unhandled == [], f"the client called endpoints the test hub lacks: {server.unhandled}"
-
-
 def _new_repo(hub: HubServer, repo_id: str = "user/digits") -> HfApi:
     api = HfApi(endpoint=hub.url, token=TOKEN)
     api.create_repo(repo_id)

@@ -1,0 +1,264 @@
+"""LocalVolumeCallback inside a real Trainer (tiny GPT-NeoX from a config, CPU, no network).
+
+Destinations of the logged values (log_history, trackers, trainer_state.json, metric_for_best_model, the Trainer's
+model card), resume, failure isolation, and non-interference: a run with the callback ends with bitwise-identical
+weights and loss history to the same run without it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hfvolume import callback as callback_module
+from hfvolume.callback import FAILED_KEY, LOGGED_KEYS, SIGMA_KEY, LocalVolumeCallback, LocalVolumeConfig
+
+VOCAB = 64
+
+
+def _datasets(n_train: int = 32, n_eval: int = 8):
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, VOCAB, (n_train + n_eval, 1), generator=gen)
+    ids = (starts + 3 * torch.arange(12)) % VOCAB  # learnable sequences
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    return Dataset.from_list(rows[:n_train]), Dataset.from_list(rows[n_train:])
+
+
+def _model(seed: int = 0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.1,
+                           attention_dropout=0.1)
+    return GPTNeoXForCausalLM(config)
+
+
+class Recorder:
+    """A stand-in for a report_to tracker: integrations sit before user callbacks in the Trainer's list."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Recorder(TrainerCallback):
+            def __init__(self):
+                self.logs = []
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                self.logs.append(dict(logs or {}))
+
+        return _Recorder()
+
+
+def _trainer(tmp_path: Path, callbacks, *, max_steps: int = 4, eval_steps: int = 2, model=None, **extra):
+    from transformers import Trainer, TrainingArguments
+
+    train, evald = _datasets()
+    settings = dict(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, per_device_eval_batch_size=4,
+        eval_strategy="steps", eval_steps=eval_steps, logging_steps=1, save_strategy="no", report_to=[],
+        learning_rate=1e-3, seed=1, data_seed=2, disable_tqdm=True, use_cpu=True,
+    )
+    args = TrainingArguments(**{**settings, **extra})
+    return Trainer(model=model if model is not None else _model(), args=args, train_dataset=train,
+                   eval_dataset=evald, callbacks=callbacks)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+CFG = dict(n_directions=4)
+
+
+def test_values_reach_history_trackers_best_metric_and_card(tmp_path):
+    recorder = Recorder()
+    cb = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [recorder, cb], metric_for_best_model="information_content_bits",
+                       greater_is_better=False, save_strategy="steps", save_steps=2, load_best_model_at_end=True)
+    assert trainer.callback_handler.callbacks[0] is cb  # moved in front of the trackers at on_init_end
+    trainer.train()
+
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    for entry in evals:  # log_history: in the eval entry of that step, as plain floats
+        for key in (*LOGGED_KEYS, SIGMA_KEY):
+            assert type(entry[key]) is float and math.isfinite(entry[key]), key
+    tracked = [logs for logs in recorder.logs if "eval_loss" in logs]
+    assert [t["eval_information_content_bits"] for t in tracked] == [
+        e["eval_information_content_bits"] for e in evals]
+    assert [p["step"] for p in cb.series] == [2, 4]
+    assert [p["information_content_bits"] for p in cb.series] == [e["eval_information_content_bits"] for e in evals]
+
+    # trainer_state.json of the checkpoints, and the best-metric bookkeeping.
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    saved_evals = [e for e in saved["log_history"] if "eval_loss" in e]
+    assert [e["eval_log_volume"] for e in saved_evals] == [e["eval_log_volume"] for e in evals]
+    assert trainer.state.best_metric == min(e["eval_information_content_bits"] for e in evals)
+
+    # evaluate() after training returns the values (metric_for_best_model reads this dict).
+    metrics = trainer.evaluate()
+    assert metrics["eval_information_content_bits"] == cb.series[-1]["information_content_bits"]
+
+    # The Trainer's own model card lists the results it parsed from log_history; ours survives its rewrite.
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "Information Content Bits" in card
+    assert "<!-- hfvolume:start -->" in card
+    series = json.loads((tmp_path / "hfvolume" / "series.json").read_text())["series"]
+    assert [p["step"] for p in series] == [2, 4]
+
+
+def test_training_is_not_disturbed(tmp_path):
+    """Same seed, with and without the callback (Adam proposal, prior centred on the initial weights, dropout on):
+    bitwise-identical weights and loss history."""
+    runs = []
+    for callbacks in ([], [LocalVolumeCallback(n_directions=3, preconditioner="adam", prior_mean="initial",
+                                               measure_every_n_steps=3, measure_on_train_end=True)]):
+        trainer = _trainer(tmp_path / str(len(runs)), callbacks, max_steps=6)
+        trainer.train()
+        losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+        eval_losses = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+        runs.append((_weights(trainer.model), losses, eval_losses, callbacks))
+    (w0, l0, e0, _), (w1, l1, e1, cbs) = runs
+    assert [p["step"] for p in cbs[0].series] == [2, 3, 4, 6]  # evaluations, every 3 steps, train end (6 once)
+    assert l0 == l1 and e0 == e1 and len(l0) == 6
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+
+
+def test_resume_continues_the_series(tmp_path):
+    first = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [first], max_steps=4, save_strategy="steps", save_steps=2)
+    trainer.train()
+    full = [(p["step"], p["log_volume"]) for p in first.series]
+    assert [s for s, _ in full] == [2, 4]
+
+    # A new process resumes from checkpoint-2 (default: callback state not restored) and trains to step 4 again.
+    resumed = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [resumed], max_steps=4, save_strategy="steps", save_steps=2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.sigma == first.sigma  # the fixed prior σ came back from log_history
+    assert [p["step"] for p in resumed.series] == [2, 4]
+    assert resumed.series[0]["log_volume"] == full[0][1]
+
+
+def test_resume_with_restored_callback_state(tmp_path):
+    first = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [first], max_steps=4, save_strategy="steps", save_steps=2,
+                       restore_callback_states_from_checkpoint=True)
+    trainer.train()
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    exported = state["stateful_callbacks"]["LocalVolumeCallback"]
+    assert exported["args"]["n_directions"] == 4 and exported["attributes"]["sigma"] == first.sigma
+
+    trainer = _trainer(tmp_path, [LocalVolumeCallback(**CFG)], max_steps=4, save_strategy="steps", save_steps=2,
+                       restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    restored = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LocalVolumeCallback)]
+    assert len(restored) == 1 and trainer.callback_handler.callbacks[0] is restored[0]
+    assert [p["step"] for p in restored[0].series] == [2, 4]
+    assert restored[0].series[0]["settings"]["global_step"] == 2  # full points, not rebuilt from the history
+
+
+def test_failure_is_isolated_and_strict_reraises(tmp_path, monkeypatch, caplog):
+    def boom(*args, **kwargs):
+        raise RuntimeError("measurement exploded")
+
+    monkeypatch.setattr(callback_module, "estimate_local_volume", boom)
+    cb = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [cb])
+    with caplog.at_level(logging.WARNING, logger="hfvolume"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert all(e[FAILED_KEY] == 1.0 and "eval_log_volume" not in e for e in evals)
+    assert [f["step"] for f in cb.failures] == [2, 4] and "measurement exploded" in cb.failures[0]["error"]
+    assert "measurement failed at step 2" in caplog.text
+
+    trainer = _trainer(tmp_path, [LocalVolumeCallback(strict=True, **CFG)])
+    with pytest.raises(RuntimeError, match="measurement exploded"):
+        trainer.train()
+
+
+def test_no_eval_data_is_a_recorded_failure(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    train, _ = _datasets()
+    cb = LocalVolumeCallback(measure_every_n_steps=2, **CFG)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[],
+                             save_strategy="no", disable_tqdm=True, use_cpu=True)
+    Trainer(model=_model(), args=args, train_dataset=train, callbacks=[cb]).train()
+    assert "no evaluation data" in cb.failures[0]["error"]
+
+
+def test_config_parses_with_training_arguments_and_validates():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((TrainingArguments, LocalVolumeConfig))
+    training, volume = parser.parse_args_into_dataclasses(
+        ["--output_dir", "out", "--n_directions", "16", "--cutoff", "0.05", "--preconditioner", "none",
+         "--measure_every_n_steps", "10", "--seed", "3"])
+    assert training.seed == 3 and volume.n_directions == 16 and volume.measure_every_n_steps == 10
+    cb = LocalVolumeCallback(volume, sigma="0.1")
+    assert cb.sigma == 0.1 and cb.config.cutoff == 0.05
+    assert LocalVolumeCallback(**cb.state()["args"]).config == cb.config  # what the Trainer does on restore
+    json.dumps(cb.state())
+
+    for bad, match in [(dict(cutoff=0.0), "cutoff"), (dict(n_directions=0), "n_directions"),
+                       (dict(behavior="bogus"), "behavior"), (dict(sigma="wide"), "sigma"),
+                       (dict(preconditioner="sgd"), "preconditioner"), (dict(mixture=2.0), "mixture"),
+                       (dict(prior_mean="base"), "prior_mean"), (dict(max_seconds=-1.0), "max_seconds"),
+                       (dict(prior="uniform", prior_mean="initial"), "Gaussian")]:
+        with pytest.raises(ValueError, match=match):
+            LocalVolumeCallback(**bad)
+    with pytest.raises(TypeError, match="n_direction"):
+        LocalVolumeCallback(n_direction=3)
+    with pytest.raises(TypeError, match="int"):
+        LocalVolumeCallback(n_directions=2.5)
+
+
+def test_time_budget_reduces_directions(tmp_path):
+    cb = LocalVolumeCallback(n_directions=16, max_seconds=1e-6)
+    trainer = _trainer(tmp_path, [cb])
+    trainer.train()
+    assert [p["n_directions"] for p in cb.series] == [16, 8]  # first at full size, then the floor
+
+
+def test_trainer_push_to_hub_keeps_the_section(tmp_path, hub, monkeypatch):
+    """push_to_hub=True (checkpoint pushes during training) and trainer.push_to_hub() at the end, against the
+    loopback Hub: the Trainer regenerates README.md before the final upload, and the pushed card still holds
+    hfvolume's section, model-index entry, tag and plot."""
+    import yaml
+    from huggingface_hub import HfApi
+    from transformers.utils import hub as hf_hub_utils
+
+    monkeypatch.setattr(hf_hub_utils, "_hf_api", HfApi(endpoint=hub.url, library_name="transformers"))
+    token = "hf_TESTsecretTOKEN0123456789abcdef"
+    cb = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [cb], push_to_hub=True, hub_model_id="user/tiny", hub_token=token,
+                       save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint_pushes = [c for c in hub.commits("user/tiny") if "Training in progress" in c.message]
+    assert checkpoint_pushes and b"<!-- hfvolume:start -->" in checkpoint_pushes[-1].files["README.md"]
+
+    trainer.push_to_hub(model_name="tiny")
+    card = hub.read_file("user/tiny", "README.md").decode()
+    assert "<!-- hfvolume:start -->" in card and "<!-- hfvolume:end -->" in card
+    assert "Information Content Bits" in card  # the Trainer's own results table is kept as well
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "hfvolume" in meta["tags"]
+    metrics = [m for entry in meta["model-index"] for r in entry["results"] for m in r["metrics"]]
+    ours = [m for m in metrics if m["type"] == "information_content"]
+    assert ours and ours[0]["value"] == pytest.approx(cb.series[-1]["information_content_bits"], rel=1e-5)
+    assert hub.read_file("user/tiny", "hfvolume/information_content.png").startswith(b"\x89PNG")
+    assert hub.read_file("user/tiny", "hfvolume/series.json") is not None
