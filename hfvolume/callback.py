@@ -235,6 +235,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._ensure_bound()
+        self._last, self._batches = None, None  # a new train() call: fresh data loader, nothing measured yet
         resumed = state.global_step > 0
         self._restore_series(state)
         if self.config.sigma == "initial-rms" and self.config.prior == "gaussian":
@@ -314,6 +315,11 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         """One measurement of ``model`` now (what the events call). Raises on failure."""
         cfg = self.config
         batches = self._eval_batches(model, eval_dataloader)
+        # Measured before training started (trainer.evaluate() first): the current weights are the initial ones.
+        if cfg.prior == "gaussian" and cfg.sigma == "initial-rms" and self.sigma is None:
+            self.sigma = rms(ParameterView.from_model(model).flatten(model))
+        if cfg.prior_mean == "initial" and self._initial is None:
+            self._initial = ParameterView.from_model(model).flatten(model).detach().cpu().clone()
         preconditioner, options, mixture = self._proposal(optimizer)
         sigma: Any = None
         if cfg.prior == "gaussian":

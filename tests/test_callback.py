@@ -262,3 +262,20 @@ def test_trainer_push_to_hub_keeps_the_section(tmp_path, hub, monkeypatch):
     assert ours and ours[0]["value"] == pytest.approx(cb.series[-1]["information_content_bits"], rel=1e-5)
     assert hub.read_file("user/tiny", "hfvolume/information_content.png").startswith(b"\x89PNG")
     assert hub.read_file("user/tiny", "hfvolume/series.json") is not None
+
+
+def test_evaluate_before_training_and_named_eval_datasets(tmp_path):
+    cb = LocalVolumeCallback(volume_eval_dataset="b", **CFG)
+    trainer = _trainer(tmp_path, [cb])
+    _, evald = _datasets()
+    trainer.eval_dataset = {"a": evald.select(range(4)), "b": evald}
+    metrics = trainer.evaluate()  # before any training: σ fixed from the current (initial) weights
+    assert "eval_b_loss" in metrics and "eval_log_volume" in metrics
+    assert cb.sigma is not None and [p["step"] for p in cb.series] == [0]
+    assert cb.series[0]["settings"]["behavior"]["n_examples"] == len(evald)  # measured on "b", all 8 examples
+    history = [e for e in trainer.state.log_history if "eval_log_volume" in e]
+    assert len(history) == 1 and "eval_b_runtime" in history[0]  # once per step, in b's entry only
+
+    with pytest.raises(ValueError, match="not one of the eval datasets"):
+        LocalVolumeCallback(volume_eval_dataset="c", strict=True, **CFG).bind(trainer).measure(
+            trainer.args, trainer.state, trainer.model)
