@@ -386,18 +386,23 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
 
     def _eval_loader(self, eval_dataloader: Any) -> Any:
         trainer = self._trainer
-        if trainer is not None and getattr(trainer, "eval_dataset", None) is not None:
-            eval_dataset = trainer.eval_dataset
-            name = self.config.volume_eval_dataset
-            if isinstance(eval_dataset, Mapping):
-                if name is None:
-                    name = next(iter(eval_dataset))
-                elif name not in eval_dataset:
-                    raise ValueError(f"volume_eval_dataset={name!r} is not one of the eval datasets "
-                                     f"{sorted(eval_dataset)}")
-                return trainer.get_eval_dataloader(name)
-            return trainer.get_eval_dataloader()
-        return eval_dataloader
+        if trainer is None or getattr(trainer, "eval_dataset", None) is None:
+            return eval_dataloader
+        eval_dataset = trainer.eval_dataset
+        name = self.config.volume_eval_dataset
+        if isinstance(eval_dataset, Mapping):
+            if name is None:
+                name = next(iter(eval_dataset))
+            elif name not in eval_dataset:
+                raise ValueError(f"volume_eval_dataset={name!r} is not one of the eval datasets {sorted(eval_dataset)}")
+            prepared = trainer.get_eval_dataloader(name)
+        else:
+            prepared = trainer.get_eval_dataloader()
+        # The Trainer's loader is sharded across processes; every process must measure on the *same* (whole)
+        # batches, so that a multi-process run gives the single-process answer (directions are what is split).
+        # Its dataset (unused columns removed) and collator are reused, in plain sequential batches.
+        return torch.utils.data.DataLoader(prepared.dataset, batch_size=trainer.args.eval_batch_size,
+                                           collate_fn=prepared.collate_fn, shuffle=False)
 
     # ------------------------------------------------------------------------------------------ series state
     def _record(self, state, result: VolumeResult, args) -> None:
