@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from hfvolume.optim_state import check_scale_settings, inverse_power_scale
+from hfvolume.optim_state import EpsSpec, RelativeEps, check_scale_settings, inverse_power_scale, resolve_eps
 from hfvolume.behaviors import is_causal_lm, scored_position_mask
 
 logger = logging.getLogger("hfvolume")
@@ -48,6 +48,10 @@ logger = logging.getLogger("hfvolume")
 METHODS = ("auto", "vmap", "loop")
 LABEL_KEYS = ("labels", "shift_labels")  # dropped from dict batches before the forward
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # per-example gradients held at once: chunk · D ≤ this (float32 → 128 MiB)
+# Defaults of fisher_scales (chosen from benchmarks/bench_proposals.py). The floor is relative: F has the units of
+# the behaviour per parameter unit squared, so no absolute η means the same thing on two models.
+DEFAULT_FISHER_EXPONENT = 0.5
+DEFAULT_FISHER_EPS: EpsSpec = RelativeEps(1.0)
 
 Call = Callable[[nn.Module, Any], Any]
 
@@ -370,25 +374,27 @@ def fisher_diagonal(
 def fisher_scales(
     fisher: Mapping[str, torch.Tensor],
     *,
-    exponent: float = 0.5,
-    eps: float = 1e-5,
+    exponent: float = DEFAULT_FISHER_EXPONENT,
+    eps: EpsSpec = DEFAULT_FISHER_EPS,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Proposal scales p = 1/(F^γ + η) from a diagonal Fisher (same convention as ``adam_scales``; ESTIMATOR.md §2).
 
-    ``fisher[name]`` must be finite and ≥ 0; η = ``eps`` is in the units of F^γ (per-parameter-unit log-prob for
-    γ = 0.5) and keeps coordinates with F = 0 (parameters the eval data never reaches) at a finite scale 1/η.
-    Returns ``({name: CPU tensor of dtype, same shape}, {"name": "fisher", "exponent", "eps", "n_tensors"})``.
+    ``fisher[name]`` must be finite and ≥ 0. η = ``eps`` is either a float in the units of F^γ (per-parameter-unit
+    log-prob for γ = 0.5) or :class:`hfvolume.optim_state.RelativeEps` ``(r)``: η = r · median(F^γ) over the
+    coordinates with F > 0. It keeps coordinates with F = 0 (parameters the eval data never reaches) at the finite
+    scale 1/η, and decides how far such flat coordinates may stretch the proposal.
+    Returns ``({name: CPU tensor of dtype, same shape}, {"name": "fisher", "exponent", "eps", "eps_relative",
+    "eps_reference", "n_tensors"})`` with ``eps`` the absolute η used (see :func:`hfvolume.optim_state.resolve_eps`).
     """
     exponent, eps = check_scale_settings(exponent, eps)
     if not isinstance(fisher, Mapping) or not fisher:
         raise ValueError("fisher must be a non-empty mapping name → tensor")
-    scales = {
-        name: inverse_power_scale(torch.as_tensor(f).detach().to("cpu"), exponent, eps, name=name).to(dtype)
-        for name, f in fisher.items()
-    }
-    info = {"name": "fisher", "exponent": exponent, "eps": eps, "n_tensors": len(scales)}
+    moments = {name: torch.as_tensor(f).detach().to("cpu") for name, f in fisher.items()}
+    eta, eps_info = resolve_eps(eps, moments.values(), exponent)
+    scales = {name: inverse_power_scale(f, exponent, eta, name=name).to(dtype) for name, f in moments.items()}
+    info = {"name": "fisher", "exponent": exponent, **eps_info, "n_tensors": len(scales)}
     return scales, info
 
 
-__all__ = ["fisher_diagonal", "fisher_scales", "is_causal_lm"]
+__all__ = ["DEFAULT_FISHER_EPS", "DEFAULT_FISHER_EXPONENT", "fisher_diagonal", "fisher_scales", "is_causal_lm"]

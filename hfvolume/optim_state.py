@@ -3,14 +3,21 @@
 The ideal diagonal proposal for a local-volume estimate is p ∝ diag(H)^{-1/2}. Adam's bias-corrected second moment
 ν̂ = exp_avg_sq / (1 − β2^step) is a running average of squared gradients, i.e. a cheap stand-in for diag(H), so
 
-    p_i = 1 / (ν̂_i^γ + η),      γ = ``exponent`` (0.5), η = ``eps`` (1e-5)                  (ESTIMATOR.md §2)
+    p_i = 1 / (ν̂_i^γ + η),      γ = ``exponent``, η = ``eps``                                (ESTIMATOR.md §2)
 
-The core normalises p to unit geometric mean itself, so only ratios between coordinates matter. Two properties
+η is either absolute (a float, in the units of ν̂^γ) or :class:`RelativeEps` ``(r)``: η = r · median(ν̂^γ) over the
+coordinates with ν̂ > 0. An absolute η means different things on different models (ν̂ depends on the loss scale,
+batch size and learning-rate schedule), so a fixed 1e-5 can be negligible on one model and dominate on another;
+the relative form keeps "how far below the typical coordinate the floor sits" the same everywhere.
+
+The core normalises p to unit geometric mean itself, so only ratios between coordinates matter. Properties that
 follow from the formula and are pinned by the tests:
 
 * ν ≡ 0 (step 0, or a step taken with zero gradients) gives p ≡ 1/η exactly, which the core recognises as the
-  isotropic proposal, so the estimate equals the naive one bit for bit;
-* ν → c·ν together with η → c^γ·η gives p → c^{−γ}·p, a constant the core normalises away.
+  isotropic proposal, so the estimate equals the naive one bit for bit (for a relative η the reference is 1 when
+  no coordinate has ν̂ > 0);
+* ν → c·ν together with η → c^γ·η gives p → c^{−γ}·p, a constant the core normalises away; with a relative η the
+  rescaling of η happens by itself, so scaling ν changes nothing at all (ESTIMATOR.md §5 oracle 7).
 
 Sources of state accepted by :func:`adam_scales`:
 
@@ -34,8 +41,9 @@ import pickle
 import re
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -45,6 +53,9 @@ MOMENTS = ("exp_avg_sq", "exp_avg")
 FALLBACKS = ("mean", "one")
 # Per-parameter state entries whose shape must equal the parameter's (checked when loading checkpoints).
 _PARAM_SHAPED_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+# The median for a relative η is taken over at most this many coordinates (an even stride through the rest):
+# η only needs its order of magnitude, and an exact median of a billion-parameter model would copy all of it.
+_MEDIAN_MAX_ELEMENTS = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,9 +71,69 @@ def _check_nonnegative(name: str, value: Any) -> float:
     return float(value)
 
 
-def check_scale_settings(exponent: Any, eps: Any) -> tuple[float, float]:
-    """Validate (γ, η) of p = 1/(m^γ + η); both must be finite and ≥ 0."""
+@dataclass(frozen=True)
+class RelativeEps:
+    """η given relative to the data: η = ``factor`` · median(m^γ) over the coordinates with m > 0.
+
+    m is the moment the scales are built from (Adam's bias-corrected ν̂, or the diagonal Fisher). Pass it as
+    ``eps=RelativeEps(1e-2)`` to :func:`adam_scales` / :func:`hfvolume.fisher.fisher_scales`, or in
+    ``preconditioner_options={"eps": RelativeEps(1e-2)}``. ``factor`` is dimensionless, finite and ≥ 0; with
+    ``factor = 0`` every coordinate must have m > 0 (as for an absolute η = 0).
+    """
+
+    factor: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "factor", _check_nonnegative("RelativeEps.factor", self.factor))
+
+
+EpsSpec = Union[float, RelativeEps]
+
+# Library defaults for the Adam proposal, used whenever exponent/eps are not given. Chosen from
+# benchmarks/bench_proposals.py (README, "Importance sampling"): η at the median of ν̂^γ keeps every coordinate's
+# scale within 2× of the typical one at the low-ν end, so flat coordinates (dead inputs, ν̂ ≈ 0) cannot capture the
+# directions — which is how the paper's absolute η = 1e-5 lost ≈ 26,000 nats on the digits MLP — while
+# high-curvature coordinates are still shrunk (+21,500 to +27,000 nats over naive on the tiny LM).
+DEFAULT_ADAM_EXPONENT = 0.5
+DEFAULT_ADAM_EPS: EpsSpec = RelativeEps(1.0)
+
+
+def check_scale_settings(exponent: Any, eps: Any) -> tuple[float, EpsSpec]:
+    """Validate (γ, η) of p = 1/(m^γ + η): γ finite and ≥ 0; η a finite number ≥ 0 or a :class:`RelativeEps`."""
+    if isinstance(eps, RelativeEps):
+        return _check_nonnegative("exponent", exponent), eps
     return _check_nonnegative("exponent", exponent), _check_nonnegative("eps", eps)
+
+
+def median_positive(moments: Iterable[torch.Tensor], *, max_elements: int = _MEDIAN_MAX_ELEMENTS) -> float | None:
+    """Lower median of the entries m > 0 of all ``moments`` (float64), or None when no entry is positive.
+
+    Above ``max_elements`` positive entries the median is taken over an even stride through them (deterministic:
+    the same tensors give the same value).
+    """
+    positive = [t.detach().reshape(-1) for t in moments]
+    positive = [t[t > 0] for t in positive]
+    total = sum(t.numel() for t in positive)
+    if total == 0:
+        return None
+    stride = max(1, math.ceil(total / max_elements))
+    values = torch.cat([t[::stride].to("cpu", torch.float64) for t in positive])
+    return float(values.median())
+
+
+def resolve_eps(eps: EpsSpec, moments: Iterable[torch.Tensor], exponent: float) -> tuple[float, dict[str, Any]]:
+    """The absolute η for validated ``eps`` and a JSON-safe description.
+
+    For :class:`RelativeEps` ``(r)``: η = r · median(m > 0)^γ (= r · median of m^γ, the power being monotone), with
+    the reference 1 when no entry is positive (then every scale is the same constant and the proposal is
+    isotropic). Returns ``(η, {"eps": η, "eps_relative": r or None, "eps_reference": median^γ or None})``.
+    """
+    if not isinstance(eps, RelativeEps):
+        return float(eps), {"eps": float(eps), "eps_relative": None, "eps_reference": None}
+    med = median_positive(moments)
+    reference = 1.0 if med is None else med**exponent
+    eta = eps.factor * reference
+    return eta, {"eps": eta, "eps_relative": eps.factor, "eps_reference": reference}
 
 
 def inverse_power_scale(moment: torch.Tensor, exponent: float, eps: float, *, name: str) -> torch.Tensor:
@@ -441,8 +512,8 @@ def adam_scales(
     optimizer: Any,
     named_params: Mapping[str, torch.Tensor],
     *,
-    exponent: float = 0.5,
-    eps: float = 1e-5,
+    exponent: float = DEFAULT_ADAM_EXPONENT,
+    eps: EpsSpec = DEFAULT_ADAM_EPS,
     moment: str = "exp_avg_sq",
     fallback: str = "mean",
     betas: tuple[float, float] | None = None,
@@ -456,9 +527,12 @@ def adam_scales(
             name → state dict (then ``betas`` is required, because bias correction needs β).
         named_params: ``{name: parameter}`` of the measured parameters (model order). A live optimizer is matched by
             parameter identity, named state by name.
-        exponent: γ ≥ 0 (0.5 makes p ∝ ν̂^{-1/2} when ν̂^γ ≫ η, the diag(H)^{-1/2} ideal).
-        eps: η ≥ 0, in the units of ν̂^γ (gradient units for γ = 0.5). η = 0 is allowed only if ν̂ > 0 everywhere
-            (ValueError otherwise, since p would be infinite).
+        exponent: γ ≥ 0 (0.5 makes p ∝ ν̂^{-1/2} when ν̂^γ ≫ η, the diag(H)^{-1/2} ideal). Default
+            ``DEFAULT_ADAM_EXPONENT``.
+        eps: η: a float ≥ 0 in the units of ν̂^γ (gradient units for γ = 0.5), or :class:`RelativeEps` ``(r)`` for
+            η = r · median(ν̂^γ) over the coordinates with state and ν̂ > 0 (fallback tensors do not count).
+            Default ``DEFAULT_ADAM_EPS``. An effective η = 0 is allowed only if ν̂ > 0 everywhere (ValueError
+            otherwise, since p would be infinite).
         moment: ``"exp_avg_sq"`` (ν̂ = exp_avg_sq / (1 − β2^step)) or ``"exp_avg"`` (|m̂| = |exp_avg| / (1 − β1^step)).
         fallback: scale for tensors without usable state: ``"mean"`` (geometric mean over the coordinates that have
             one; 1 if none) or ``"one"``. Counted in the description and announced with one ``warnings.warn``.
@@ -467,8 +541,10 @@ def adam_scales(
 
     Returns:
         ``(scales, info)``: ``scales[name]`` a CPU tensor shaped like ``named_params[name]``, positive and finite;
-        ``info`` a JSON-safe description ``{"name": "adam" | "adam-m", "exponent", "eps", "moment", "fallback",
-        "step", "n_tensors", "n_fallback_tensors", "n_adafactor_tensors"}`` where ``step`` is the single step seen
+        ``info`` a JSON-safe description ``{"name": "adam" | "adam-m", "exponent", "eps", "eps_relative",
+        "eps_reference", "moment", "fallback", "step", "n_tensors", "n_fallback_tensors", "n_adafactor_tensors"}``
+        where ``eps`` is the absolute η used, ``eps_relative``/``eps_reference`` the factor r and median(ν̂^γ) of a
+        relative η (None for an absolute one), ``step`` is the single step seen
         (int), the sorted distinct steps (list) when they differ, or None when no tensor had state.
     """
     exponent, eps = check_scale_settings(exponent, eps)
@@ -513,7 +589,7 @@ def adam_scales(
             f"AcceleratedOptimizer), or a NamedOptimizerState; got {type(optimizer).__name__}"
         )
 
-    raw: dict[str, torch.Tensor | None] = {}
+    moments: dict[str, torch.Tensor | None] = {}
     steps: set[int] = set()
     reasons: dict[str, list[str]] = {}
     n_adafactor = 0
@@ -526,12 +602,18 @@ def adam_scales(
         m, step, source = _moment_estimate(entry, hyper, shape, moment, name)
         if m is None:
             reasons.setdefault(source, []).append(name)
-            raw[name] = None
+            moments[name] = None
             continue
         n_adafactor += source.startswith("adafactor")
         if step is not None:
             steps.add(int(step))
-        raw[name] = inverse_power_scale(m, exponent, eps, name=name)
+        moments[name] = m
+
+    eta, eps_info = resolve_eps(eps, (m for m in moments.values() if m is not None), exponent)
+    raw: dict[str, torch.Tensor | None] = {}
+    for name in list(moments):
+        m = moments.pop(name)  # release each float64 moment as soon as its scales exist: peak memory ≈ one copy
+        raw[name] = None if m is None else inverse_power_scale(m, exponent, eta, name=name)
 
     n_fallback = sum(len(v) for v in reasons.values())
     if n_fallback:
@@ -550,7 +632,7 @@ def adam_scales(
     info: dict[str, Any] = {
         "name": "adam" if moment == "exp_avg_sq" else "adam-m",
         "exponent": exponent,
-        "eps": eps,
+        **eps_info,
         "moment": moment,
         "fallback": fallback,
         "step": step_info,
@@ -562,10 +644,16 @@ def adam_scales(
 
 
 __all__ = [
+    "DEFAULT_ADAM_EPS",
+    "DEFAULT_ADAM_EXPONENT",
+    "EpsSpec",
     "NamedOptimizerState",
+    "RelativeEps",
     "adam_scales",
     "check_scale_settings",
     "inverse_power_scale",
+    "median_positive",
+    "resolve_eps",
     "optimizer_state_from_checkpoint",
     "trainer_decay_parameter_names",
 ]

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from hfvolume.fisher import _sample_labels, fisher_diagonal, fisher_scales
+from hfvolume.fisher import DEFAULT_FISHER_EPS, DEFAULT_FISHER_EXPONENT, _sample_labels, fisher_diagonal, fisher_scales
+from hfvolume.optim_state import RelativeEps
+from hfvolume.proposals import normalize_log_scales
 
 K_SE = 4.0  # bands are k standard errors (ESTIMATOR.md §5); k = 4 misses a correct estimate w.p. ≈ 6e-5 per check
 
@@ -251,12 +253,15 @@ def test_fisher_scales_and_errors():
     named = dict(model.named_parameters())
     fisher = fisher_diagonal(model, [x], named)
     scales, info = fisher_scales(fisher, exponent=0.5, eps=1e-3)
-    assert info == {"name": "fisher", "exponent": 0.5, "eps": 1e-3, "n_tensors": 2}
+    assert info == {"name": "fisher", "exponent": 0.5, "eps": 1e-3, "eps_relative": None, "eps_reference": None,
+                    "n_tensors": 2}
     torch.testing.assert_close(scales["weight"], (1 / (fisher["weight"].double().sqrt() + 1e-3)).float())
     zero = {"w": torch.zeros(3)}
-    assert bool((fisher_scales(zero)[0]["w"] == 1e5).all())  # F = 0: the finite scale 1/η, all equal
+    assert bool((fisher_scales(zero, eps=1e-5)[0]["w"] == 1e5).all())  # F = 0: the finite scale 1/η, all equal
     with pytest.raises(ValueError, match="eps = 0"):
         fisher_scales(zero, eps=0.0)
+    with pytest.raises(ValueError, match="eps = 0"):
+        fisher_scales(zero, eps=RelativeEps(0.0))
     with pytest.raises(ValueError, match="moment"):
         fisher_scales({"w": torch.tensor([-1.0])})
     with pytest.raises(ValueError, match="exponent"):
@@ -273,3 +278,30 @@ def test_fisher_scales_and_errors():
         fisher_diagonal(model, [], named)
     with pytest.raises(TypeError, match="batch"):
         fisher_diagonal(model, ["text"], named)
+
+
+def test_fisher_scales_relative_eps_formula_invariance_and_defaults():
+    """η = r·median(F^γ) over F > 0; scaling F changes nothing after normalisation (ESTIMATOR.md §5 oracle 7)."""
+    g = torch.Generator().manual_seed(0)
+    fisher = {"a": torch.rand(5, 7, generator=g, dtype=torch.float64) ** 3, "b": torch.rand(11, generator=g)}
+    fisher["a"][0] = 0.0  # unreached parameters: excluded from the median, finite scale 1/η
+    flat = torch.cat([f.double().reshape(-1) for f in fisher.values()])
+    median = float(flat[flat > 0].median())
+    scales, info = fisher_scales(fisher, exponent=0.5, eps=RelativeEps(0.1), dtype=torch.float64)
+    eta = 0.1 * median**0.5
+    assert info["eps_relative"] == 0.1 and info["eps"] == pytest.approx(eta, rel=1e-15)
+    for n, f in fisher.items():
+        torch.testing.assert_close(scales[n], 1 / (f.double().sqrt() + eta), rtol=1e-14, atol=0)
+
+    def normalised(f):
+        s, _ = fisher_scales(f, exponent=0.5, eps=RelativeEps(0.1), dtype=torch.float64)
+        cat = torch.cat([v.reshape(-1) for v in s.values()])
+        return normalize_log_scales(cat, cat.numel())
+
+    for c in (1e-6, 3.0, 1e5):
+        torch.testing.assert_close(normalised({n: f.double() * c for n, f in fisher.items()}), normalised(fisher),
+                                   rtol=0, atol=1e-12)
+    # The defaults are what fisher_scales uses when nothing is given.
+    _, default_info = fisher_scales(fisher)
+    _, explicit_info = fisher_scales(fisher, exponent=DEFAULT_FISHER_EXPONENT, eps=DEFAULT_FISHER_EPS)
+    assert default_info == explicit_info

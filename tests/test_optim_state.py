@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import warnings
 
@@ -13,8 +14,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hfvolume.optim_state import (
+    DEFAULT_ADAM_EPS,
+    DEFAULT_ADAM_EXPONENT,
     NamedOptimizerState,
+    RelativeEps,
     adam_scales,
+    median_positive,
     optimizer_state_from_checkpoint,
     trainer_decay_parameter_names,
 )
@@ -317,7 +322,7 @@ def test_adafactor_factored_state():
     opt = Adafactor(model.parameters(), lr=1e-2, relative_step=False, scale_parameter=False, warmup_init=False)
     _train(model, opt, 3)
     named = dict(model.named_parameters())
-    scales, info = adam_scales(opt, named, dtype=torch.float64)
+    scales, info = adam_scales(opt, named, eps=1e-5, dtype=torch.float64)
     assert info["n_fallback_tensors"] == 0 and info["n_adafactor_tensors"] == 6
     st_ = opt.state[model.fc1.weight]
     row, col = st_["exp_avg_sq_row"].double(), st_["exp_avg_sq_col"].double()
@@ -404,3 +409,130 @@ def test_bad_inputs():
     opt0.state[model.fc1.bias]["exp_avg_sq"].fill_(-1.0)
     with pytest.raises(ValueError, match="fc1.bias"):
         adam_scales(opt0, named)
+
+
+# ----------------------------------------------------------------------------------------------- relative η
+
+
+def _nu_hat(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in named.items():
+        state, beta2 = opt.state[p], opt.param_groups[0]["betas"][1]
+        out[name] = state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))
+    return out
+
+
+def test_relative_eps_is_the_factor_times_the_median_of_positive_moments():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 3)
+    with torch.no_grad():  # a dead coordinate (ν̂ = 0) must not enter the median
+        opt.state[model.fc1.weight]["exp_avg_sq"][0, :] = 0.0
+    named = dict(model.named_parameters())
+    nu = _nu_hat(opt, named)
+    flat = torch.cat([v.reshape(-1) for v in nu.values()])
+    median = float(flat[flat > 0].median())
+    gamma, r = 0.5, 1e-2
+    scales, info = adam_scales(opt, named, exponent=gamma, eps=RelativeEps(r), dtype=torch.float64)
+    eta = r * median**gamma
+    assert info["eps_relative"] == r and info["eps_reference"] == pytest.approx(median**gamma, rel=1e-15)
+    assert info["eps"] == pytest.approx(eta, rel=1e-15)
+    for name in named:
+        torch.testing.assert_close(scales[name], 1 / (nu[name] ** gamma + eta), rtol=1e-14, atol=0)
+    # An absolute η is recorded as given, with no relative part.
+    _, info_abs = adam_scales(opt, named, eps=1e-5)
+    assert info_abs["eps"] == 1e-5 and info_abs["eps_relative"] is None and info_abs["eps_reference"] is None
+    # The library defaults are what adam_scales uses when nothing is given.
+    default, info_default = adam_scales(opt, named, dtype=torch.float64)
+    explicit, info_explicit = adam_scales(opt, named, exponent=DEFAULT_ADAM_EXPONENT, eps=DEFAULT_ADAM_EPS,
+                                          dtype=torch.float64)
+    assert info_default == info_explicit and all(torch.equal(default[n], explicit[n]) for n in named)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    c=st.floats(min_value=1e-6, max_value=1e6),
+    gamma=st.floats(min_value=0.0, max_value=1.0),
+    r=st.sampled_from([1e-3, 1e-2, 1.0, 10.0]),
+)
+def test_relative_eps_makes_scaling_nu_change_nothing(c, gamma, r):
+    """ESTIMATOR.md §5 oracle 7: ν → cν at fixed γ and a relative η leaves the normalised proposal unchanged."""
+    from hfvolume.proposals import normalize_log_scales
+
+    named, sd = _trained_state()
+    names = [[n for n in named]]
+    scaled_sd = copy.deepcopy(sd)
+    for entry in scaled_sd["state"].values():
+        entry["exp_avg_sq"] = entry["exp_avg_sq"].double() * c
+    base = NamedOptimizerState.from_state_dict(sd, names)
+    scaled = NamedOptimizerState.from_state_dict(scaled_sd, names)
+    a, info_a = adam_scales(base, named, exponent=gamma, eps=RelativeEps(r), dtype=torch.float64)
+    b, info_b = adam_scales(scaled, named, exponent=gamma, eps=RelativeEps(r), dtype=torch.float64)
+    assert info_b["eps_reference"] == pytest.approx(info_a["eps_reference"] * c**gamma, rel=1e-12)
+    for n in named:
+        torch.testing.assert_close(b[n], a[n] * c ** (-gamma), rtol=1e-12, atol=0)
+    flat_a = torch.cat([a[n].reshape(-1) for n in named])
+    flat_b = torch.cat([b[n].reshape(-1) for n in named])
+    log_a, log_b = normalize_log_scales(flat_a, flat_a.numel()), normalize_log_scales(flat_b, flat_b.numel())
+    if log_a is None:  # γ = 0: both constant, both isotropic
+        assert log_b is None
+    else:
+        torch.testing.assert_close(log_b, log_a, rtol=0, atol=1e-12)
+
+
+def test_relative_eps_with_zero_state_is_exactly_isotropic():
+    torch.manual_seed(0)
+    model = TinyNet()
+    named = dict(model.named_parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    opt.step()
+    scales, info = adam_scales(opt, named, eps=RelativeEps(1e-2))
+    assert info["eps_reference"] == 1.0 and info["eps"] == 1e-2  # no positive ν̂: reference 1
+    flat = torch.cat([s.reshape(-1) for s in scales.values()])
+    assert bool((flat == flat[0]).all())
+    with pytest.raises(ValueError, match="eps = 0"):
+        adam_scales(opt, named, eps=RelativeEps(0.0))
+
+
+def test_relative_eps_validation_and_median_subsampling():
+    with pytest.raises(ValueError, match="RelativeEps.factor"):
+        RelativeEps(-1.0)
+    with pytest.raises(ValueError, match="RelativeEps.factor"):
+        RelativeEps(float("inf"))
+    with pytest.raises(TypeError, match="RelativeEps.factor"):
+        RelativeEps("1e-2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="eps"):
+        adam_scales(torch.optim.Adam(TinyNet().parameters()), dict(TinyNet().named_parameters()), eps="1e-2")
+    assert median_positive([torch.zeros(3)]) is None
+    assert median_positive([torch.tensor([0.0, 3.0, 1.0]), torch.tensor([[2.0, 0.0]])]) == 2.0  # lower median
+    # Above the cap: an even stride through a shuffled 1..N has its median's rank within k binomial standard errors
+    # of N/2 (the stride picks n = N/stride entries of a random permutation).
+    n_total, cap = 100_000, 1_000
+    values = torch.randperm(n_total, generator=torch.Generator().manual_seed(0)).double() + 1
+    got = median_positive([values[:40_000], values[40_000:]], max_elements=cap)
+    n = sum(math.ceil(k / math.ceil(n_total / cap)) for k in (40_000, 60_000))
+    assert abs(got / n_total - 0.5) < 4 * 0.5 / math.sqrt(n) + 1 / n
+    assert got == median_positive([values[:40_000], values[40_000:]], max_elements=cap)  # deterministic
+
+
+def test_relative_eps_through_estimate_local_volume():
+    from hfvolume import estimate_local_volume
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 3)
+    model.eval()
+    x, _ = _data()
+    common = dict(n_directions=4, progress=False, seed=3)
+    result = estimate_local_volume(model, [(x,)], preconditioner="adam", optimizer=opt,
+                                   preconditioner_options={"exponent": 0.25, "eps": RelativeEps(0.1)}, **common)
+    proposal = result.settings["proposal"]
+    assert proposal["eps_relative"] == 0.1 and proposal["exponent"] == 0.25
+    named = dict(model.named_parameters())
+    _, info = adam_scales(opt, named, exponent=0.25, eps=RelativeEps(0.1))
+    assert proposal["eps"] == info["eps"]
+    json.dumps(result.to_dict())  # the description stays JSON-safe
