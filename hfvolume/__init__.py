@@ -19,7 +19,7 @@ from hfvolume.estimator import estimate_log_volume
 from hfvolume.fisher import fisher_diagonal
 from hfvolume.local_volume import estimate_local_volume
 from hfvolume.modelcard import update_model_card
-from hfvolume.optim_state import adam_scales, optimizer_state_from_checkpoint
+from hfvolume.optim_state import RelativeEps, adam_scales, optimizer_state_from_checkpoint
 from hfvolume.params import ParameterView
 from hfvolume.priors import GaussianPrior, UniformPrior
 from hfvolume.results import DirectionFlag, VolumeResult
@@ -32,6 +32,7 @@ __all__ = [
     "METRIC_PATH",
     "ModelBehavior",
     "ParameterView",
+    "RelativeEps",
     "UniformPrior",
     "VolumeResult",
     "__version__",

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hfvolume.local_volume import estimate_local_volume, preserved_state
+from hfvolume.optim_state import has_adam_state
 from hfvolume.params import ParameterView, rms
 from hfvolume.results import VolumeResult
 
@@ -80,7 +81,9 @@ class LocalVolumeConfig:
         metadata={"help": "origin, or initial (the weights when training starts: measures what training added)"},
     )
     preconditioner: str = field(
-        default="auto", metadata={"help": "auto, none, adam, adam-m or fisher (see README: importance sampling)"}
+        default="auto",
+        metadata={"help": "auto (Adam's second moment with a 25% isotropic mixture when the optimizer has Adam "
+                          "state, else isotropic), none, adam, adam-m or fisher"},
     )
     mixture: float = field(default=0.0, metadata={"help": "defensive-mixture fraction of isotropic directions"})
     direction_seed: int = field(default=0, metadata={"help": "seed of the directions (the same at every step)"})
@@ -149,6 +152,7 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
 
 
 MIN_BUDGET_DIRECTIONS = 8
+AUTO_MIXTURE = 0.25  # preconditioner="auto": defensive-mixture floor with the Adam proposal
 
 
 def _find_trainer() -> Any:
@@ -359,6 +363,10 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         if choice == "none":
             return None, None, self.config.mixture
         if choice == "auto":
+            # The default chosen by benchmarks/bench_proposals.py (README, "Importance sampling"): Adam's second
+            # moment with γ = 0.5 and η at the median, defended by a 25% isotropic mixture; isotropic without state.
+            if optimizer is not None and has_adam_state(optimizer):
+                return "adam", None, max(self.config.mixture, AUTO_MIXTURE)
             return None, None, self.config.mixture
         if choice in ("adam", "adam-m") and optimizer is None:
             raise ValueError(f"preconditioner={choice!r} needs the Trainer's optimizer, which is not available here")

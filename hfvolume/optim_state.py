@@ -431,6 +431,15 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def has_adam_state(optimizer: Any, moment: str = "exp_avg_sq") -> bool:
+    """Whether ``optimizer`` (torch, accelerate-wrapped, or a :class:`NamedOptimizerState`) holds a non-empty
+    ``moment`` tensor for at least one parameter, i.e. whether an Adam proposal would differ from isotropic."""
+    inner = _unwrap_optimizer(optimizer)
+    states = inner.values() if isinstance(inner, Mapping) else getattr(inner, "state", {}).values()
+    return any(isinstance(st, Mapping) and isinstance(st.get(moment), torch.Tensor) and st[moment].numel() > 0
+               for st in states)
+
+
 def _as_float(value: Any) -> float | None:
     if value is None:
         return None
@@ -651,6 +660,7 @@ __all__ = [
     "RelativeEps",
     "adam_scales",
     "check_scale_settings",
+    "has_adam_state",
     "inverse_power_scale",
     "median_positive",
     "resolve_eps",

@@ -279,3 +279,14 @@ def test_evaluate_before_training_and_named_eval_datasets(tmp_path):
     with pytest.raises(ValueError, match="not one of the eval datasets"):
         LocalVolumeCallback(volume_eval_dataset="c", strict=True, **CFG).bind(trainer).measure(
             trainer.args, trainer.state, trainer.model)
+
+
+def test_auto_proposal_is_adam_with_mixture_once_the_optimizer_has_state(tmp_path):
+    cb = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [cb], max_steps=2)
+    trainer.evaluate()  # step 0: no optimizer state yet → isotropic
+    trainer.train()
+    before, after = (p["settings"]["proposal"] for p in cb.series)
+    assert before["name"] == "isotropic" and before["mixture"] == 0.0
+    assert after["name"] == "adam" and after["mixture"] == 0.25
+    assert after["exponent"] == 0.5 and after["eps_relative"] == 1.0

@@ -536,3 +536,17 @@ def test_relative_eps_through_estimate_local_volume():
     _, info = adam_scales(opt, named, exponent=0.25, eps=RelativeEps(0.1))
     assert proposal["eps"] == info["eps"]
     json.dumps(result.to_dict())  # the description stays JSON-safe
+
+
+def test_has_adam_state_through_wrappers():
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from hfvolume.optim_state import has_adam_state
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p])
+    assert not has_adam_state(opt) and not has_adam_state(torch.optim.SGD([p], lr=0.1))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert has_adam_state(opt) and has_adam_state(AcceleratedOptimizer(opt, device_placement=False))
+    assert not has_adam_state(opt, moment="momentum_buffer")
