@@ -4,8 +4,9 @@
     hfvolume estimate --model DIR --data FILE [--behavior kl] [--cutoff 0.01] [--n_directions 64] ...
     hfvolume estimate --model pkg.module:build_model    # a Python-built model (returns a module or (module, data))
 
-Arguments come from :class:`EstimateArguments`, a dataclass that also works with ``transformers.HfArgumentParser``
-(the accelerate script reuses it). The result is printed as a table and written as JSON.
+Arguments come from :class:`EstimateArguments`, a dataclass that also works with ``transformers.HfArgumentParser``.
+``scripts/estimate_volume.py`` (for ``accelerate launch``) parses the same dataclass and calls the same
+:func:`execute`, so both print and write the same result; in a multi-process run only rank 0 prints and writes.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from torch import nn
 
+from hfvolume.distributed import LaunchError
 from hfvolume.results import VolumeResult
 
 logger = logging.getLogger("hfvolume")
@@ -226,11 +228,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = HfArgumentParser(EstimateArguments, prog="hfvolume estimate")
     (args,) = parser.parse_args_into_dataclasses(rest)
+    return execute(args)
+
+
+def execute(args: EstimateArguments, *, is_main: bool = True, prog: str = "hfvolume estimate") -> int:
+    """Estimate, print the summary and write ``result.json``; returns the exit code (0 ok, 1 error).
+
+    Every process of a multi-process run calls this (the estimate is collective); only the one with
+    ``is_main`` prints and writes the result. Errors in the arguments or the launch are printed (by every
+    process) and turned into exit code 1, not raised.
+    """
     try:
         result, info = run_estimate(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"hfvolume estimate: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, LaunchError) as err:
+        # Printed on every rank: an error seen on one rank only must not be hidden.
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+    if not is_main:
+        return 0
     if "model" in info and "eval_accuracy" in info["model"]:
         print(f"trained {info['model']['name']}: train accuracy {info['model']['train_accuracy']:.3f}, "
               f"eval accuracy {info['model']['eval_accuracy']:.3f}")

@@ -10,9 +10,11 @@ then reduces the estimates once with log-mean-exp (log μ̂), ESS, a Markov lowe
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+import zlib
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
@@ -23,6 +25,14 @@ from hfvolume.priors import GaussianPrior, UniformPrior, resolve_prior
 from hfvolume.proposals import Proposal, normalize_log_scales
 from hfvolume.radius import RADIUS_METHODS, RadiusMethod, search_radii
 from hfvolume.results import LN2, DirectionFlag, VolumeResult
+from hfvolume.sharding import (
+    Sharding,
+    SingleProcess,
+    check_ranks_agree,
+    check_sharding,
+    gather_checked,
+    shard_indices,
+)
 from hfvolume.stats import summarize_log_estimates
 
 logger = logging.getLogger("hfvolume")
@@ -32,6 +42,8 @@ DEFAULT_START_FRACTION = 1e-2  # default first radius: this fraction of |θ0| (o
 UNIFORM_CAP_FACTOR = 1e6  # uniform prior's default radius cap, in units of the starting radius
 
 Behavior = Callable[[torch.Tensor], Union[torch.Tensor, float]]
+_FLAGS = tuple(DirectionFlag)  # flags travel between ranks as their index here
+_FLAG_CODES = {f: float(k) for k, f in enumerate(_FLAGS)}
 
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -101,6 +113,7 @@ def estimate_log_volume(
     progress: bool = True,
     proposal_info: Mapping[str, Any] | None = None,
     extra_settings: Mapping[str, Any] | None = None,
+    sharding: Sharding | None = None,
 ) -> VolumeResult:
     """Estimate the log prior mass of the local region {θ : fn(θ) − fn(anchor) ≤ cutoff} (ESTIMATOR.md §1).
 
@@ -125,6 +138,10 @@ def estimate_log_volume(
         delta: the lower bound holds with probability 1 − delta.
         progress: show a tqdm progress bar.
         proposal_info, extra_settings: JSON-safe descriptions recorded in ``result.settings``.
+        sharding: a process group (:class:`hfvolume.sharding.Sharding`): every rank calls this function with the
+            same arguments; each searches its block of the directions, the per-direction arrays are all-gathered
+            once per phase, and every rank returns the same result as one process would (``forward_passes`` is
+            summed over ranks, ``wall_time_s`` is this rank's). Progress is shown on rank 0 only.
 
     Returns:
         A :class:`VolumeResult`; ``log_volume`` in nats.
@@ -152,6 +169,7 @@ def estimate_log_volume(
         raise ValueError(f"unknown radius_method {radius_method!r}: use one of {RADIUS_METHODS}")
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    group = SingleProcess() if sharding is None else check_sharding(sharding)
     n_params = anchor.numel()
 
     dtype = perturbation_dtype(anchor.dtype)
@@ -167,6 +185,16 @@ def estimate_log_volume(
 
     behavior = _Behavior(fn, batched)
     f0 = float(behavior(theta0.unsqueeze(0))[0])
+    if group.world_size > 1:  # before any rank can raise alone, so a mismatch is reported and nobody blocks
+        described = json.dumps([resolved.describe(), proposal.describe(), radius_method, delta, extra_settings],
+                               sort_keys=True, default=str)
+        scales_sq = 0.0 if log_scales is None else float(log_scales.square().sum())
+        check_ranks_agree(group, {
+            "n_params": n_params, "n_directions": n_directions, "seed": seed, "cutoff": cutoff, "rtol": rtol,
+            "max_evaluations": max_evaluations, "initial_radius": t_first, "fn(anchor)": f0,
+            "|anchor|": anchor_norm, "Σ log² proposal scales": scales_sq,
+            "settings checksum": zlib.crc32(described.encode()),
+        }, hint="every rank must call with the same model, data and arguments (the data is not split across ranks)")
     if not math.isfinite(f0):
         raise ValueError(f"fn(anchor) is not finite ({f0}); the region {{fn − fn(anchor) ≤ cutoff}} is undefined")
 
@@ -214,18 +242,55 @@ def estimate_log_volume(
         log_w[indices], flags[indices] = lw, found.flag
         evals[indices], nonfinite[indices] = found.evaluations, found.nonfinite
 
+    def share(phase: np.ndarray, mine: np.ndarray, error: BaseException | None) -> None:
+        # Two collectives per phase, reached by every rank even after a local failure, so that one rank's error
+        # is reported on all of them instead of leaving the others blocked in the gather.
+        failed = np.flatnonzero(gather_checked(group, np.array([[float(error is not None)]]), columns=1)[:, 0])
+        if error is not None:
+            raise error
+        if failed.size:
+            raise RuntimeError(f"rank(s) {failed.tolist()} failed during the radius search (see their error)")
+        rows = np.column_stack([
+            mine, log_est[mine], radii[mine], deltas[mine], log_w[mine],
+            [_FLAG_CODES[DirectionFlag(f)] for f in flags[mine]], evals[mine], nonfinite[mine],
+        ]) if mine.size else np.empty((0, 8))
+        got = gather_checked(group, rows, columns=8)
+        idx = got[:, 0].astype(np.int64)
+        if not np.array_equal(idx, phase):
+            raise RuntimeError(f"gathered directions {idx.tolist()} differ from the phase's {phase.tolist()}: the "
+                               "ranks disagree on n_directions or the split")
+        log_est[idx], radii[idx], deltas[idx], log_w[idx] = got[:, 1], got[:, 2], got[:, 3], got[:, 4]
+        flags[idx] = [_FLAGS[int(c)] for c in got[:, 5]]
+        evals[idx], nonfinite[idx] = got[:, 6].astype(np.int64), got[:, 7].astype(np.int64)
+
+    def run_phase(phase: np.ndarray, t_start: float, bar: Any) -> None:
+        mine = shard_indices(phase, group.rank, group.world_size)
+        error: BaseException | None = None
+        try:
+            for start in range(0, len(mine), batch_size):
+                idx = mine[start : start + batch_size]
+                run_batch(idx, t_start)
+                bar.update(len(idx))
+        except Exception as err:  # re-raised in share() after the other ranks learn of it
+            if group.world_size == 1:
+                raise
+            error = err
+        if group.world_size > 1:
+            share(phase, mine, error)
+
     n_pilot = min(PILOT_DIRECTIONS, n_directions)
-    with tqdm(total=n_directions, disable=not progress, desc="local volume", unit="dir", leave=False) as bar:
-        for start in range(0, n_pilot, batch_size):
-            idx = np.arange(start, min(start + batch_size, n_pilot))
-            run_batch(idx, t_first)
-            bar.update(len(idx))
+    pilot, rest = np.arange(n_pilot), np.arange(n_pilot, n_directions)
+    n_mine = sum(len(shard_indices(p, group.rank, group.world_size)) for p in (pilot, rest))
+    show = progress and group.rank == 0
+    with tqdm(total=n_mine, disable=not show, desc="local volume", unit="dir", leave=False) as bar:
+        run_phase(pilot, t_first, bar)
+        # Every rank sees all pilot radii (gathered), so all choose the same start for the rest.
         inside = [radii[i] for i in range(n_pilot) if flags[i] == DirectionFlag.CONVERGED and radii[i] > 0]
         t_next = float(np.median(inside)) if inside else t_first
-        for start in range(n_pilot, n_directions, batch_size):
-            idx = np.arange(start, min(start + batch_size, n_directions))
-            run_batch(idx, t_next)
-            bar.update(len(idx))
+        run_phase(rest, t_next, bar)
+    forward_passes = behavior.calls
+    if group.world_size > 1:
+        forward_passes = int(gather_checked(group, np.array([[float(behavior.calls)]]), columns=1).sum())
 
     summary = summarize_log_estimates(log_est, delta=delta, seed=seed)
     settings: dict[str, Any] = {
@@ -241,6 +306,7 @@ def estimate_log_volume(
         "max_evaluations": max_evaluations,
         "delta": delta,
         "dtype": str(dtype).replace("torch.", ""),
+        "world_size": group.world_size,
     }
     settings.update(dict(extra_settings or {}))
     result = VolumeResult(
@@ -253,7 +319,7 @@ def estimate_log_volume(
         norm_term=float(resolved.norm_term),
         n_params=n_params,
         n_directions=n_directions,
-        forward_passes=behavior.calls,
+        forward_passes=forward_passes,
         wall_time_s=time.perf_counter() - t_begin,
         log_estimates=tuple(float(x) for x in log_est),
         radii=tuple(float(x) for x in radii),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hfvolume.behaviors import ModelBehavior, smallest_relative_step
+from hfvolume.distributed import main_process_logging, refuse_sharded_parameters, resolve_sharding
 from hfvolume.estimator import estimate_log_volume
 from hfvolume.params import ParameterView, rms
 from hfvolume.priors import GaussianPrior, UniformPrior
@@ -208,6 +209,7 @@ def estimate_local_volume(
     anchor_cache: str = "auto",
     progress: bool = True,
     preconditioner_options: Mapping[str, Any] | None = None,
+    distributed: bool | None = None,
 ) -> VolumeResult:
     """Estimate the local volume of ``model`` around its current weights, on ``data`` (ESTIMATOR.md).
 
@@ -237,7 +239,12 @@ def estimate_local_volume(
         directions_per_batch: rays searched in lockstep; None chooses from the parameter count (the [K, D]
             perturbed rows stay under 16 MiB, at most 32 directions).
         anchor_cache: where the anchor's outputs are kept: "auto", "device", "cpu" or "recompute".
-        progress: show a progress bar.
+        progress: show a progress bar (on rank 0 only in a multi-process run).
+        distributed: None (default): inside an initialised Accelerate / torch.distributed group of N > 1
+            processes, split the directions across them (every rank must call this with the same arguments; all
+            get the same result, identical to one process's); refuses to run when the launcher started N
+            independent single-process runs (:func:`hfvolume.distributed.check_launch`). True: require a group.
+            False: ignore any group (each process computes the whole estimate).
 
     Returns:
         :class:`VolumeResult`; ``settings`` records the behaviour, data size, parameters and every knob.
@@ -246,8 +253,12 @@ def estimate_local_volume(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(prior, GaussianPrior) and (sigma is not None or prior_mean is not None):
         raise ValueError("pass sigma/prior_mean either inside GaussianPrior(...) or as arguments, not both")
+    refuse_sharded_parameters(model)
+    sharding = resolve_sharding(distributed)
+    # Every rank computes the same result: its warnings are rank 0's, so only rank 0 logs them.
+    quiet_ranks = main_process_logging() if sharding is not None else contextlib.nullcontext()
     view = ParameterView.from_model(model, params)
-    with preserved_state(model):
+    with quiet_ranks, preserved_state(model):
         fn = ModelBehavior(
             model, data, view, behavior=behavior, max_batches=max_batches, max_examples=max_examples,
             anchor_cache=anchor_cache, collate_fn=collate_fn, batch_size=batch_size,
@@ -280,8 +291,9 @@ def estimate_local_volume(
             progress=progress,
             proposal_info=proposal_info,
             extra_settings={"behavior": fn.describe(), "parameters": view.describe()},
+            sharding=sharding,
         )
-    _check_precision(view, result, anchor)
+        _check_precision(view, result, anchor)
     return result
 
 

@@ -64,3 +64,18 @@ def test_model_factory_must_return_data(capsys):
     assert "return (model, data)" in capsys.readouterr().err
     assert main(["estimate", "--model", "torch.nn:Identity", "--data", "x.txt"]) == 1
     assert "does not apply" in capsys.readouterr().err
+
+
+def test_execute_writes_and_prints_on_the_main_process_only(tmp_path, capsys):
+    # The accelerate script calls execute() on every rank; the CLI is the is_main=True case of the same code.
+    from hfvolume.cli import EstimateArguments, execute
+
+    args = EstimateArguments(model="test_distributed:tiny_lm", n_directions=2, progress=False,
+                             output=str(tmp_path / "other"))
+    assert execute(args, is_main=False) == 0
+    assert capsys.readouterr().out == "" and not (tmp_path / "other").exists()
+    assert execute(EstimateArguments(model="test_distributed:tiny_lm", n_directions=2, progress=False,
+                                     output=str(tmp_path / "main"))) == 0
+    assert "information content" in capsys.readouterr().out
+    written = json.loads((tmp_path / "main" / "result.json").read_text())["result"]
+    assert VolumeResult.from_dict(written).n_directions == 2
