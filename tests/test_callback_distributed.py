@@ -1,0 +1,86 @@
+"""LocalVolumeCallback inside a Trainer under 2-process DDP (CPU, gloo) logs what the single-process run logs.
+
+The worker trains a tiny GPT-NeoX with learning rate 0 (so both runs hold the same weights whatever the data
+split) and the isotropic proposal (Adam's state depends on the per-process batches), evaluating at steps 2 and 4.
+Every rank measures on the whole eval set and takes part in the collectives; only rank 0 writes files.
+
+This file is also the worker the launched processes run: ``python tests/test_callback_distributed.py worker OUT``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+LAUNCH_TIMEOUT_S = 300
+KEYS = ("eval_log_volume", "eval_information_content_bits", "eval_log_volume_lower_bound", "eval_volume_ess",
+        "eval_volume_norm_term", "eval_volume_prior_sigma")
+
+
+def worker(out: str) -> None:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    torch.set_num_threads(1)  # parallel reductions round differently with another thread count
+    sys.path.insert(0, str(TESTS))
+    from test_callback import _datasets, _model
+
+    from hfvolume import LocalVolumeCallback
+
+    train, evald = _datasets()
+    args = TrainingArguments(
+        output_dir=out, max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        eval_strategy="steps", eval_steps=2, logging_steps=2, save_strategy="no", report_to=[], learning_rate=0.0,
+        seed=1, disable_tqdm=True, use_cpu=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
+    )
+    cb = LocalVolumeCallback(n_directions=6, preconditioner="none")
+    trainer = Trainer(model=_model(), args=args, train_dataset=train, eval_dataset=evald, callbacks=[cb])
+    trainer.train()
+    rank = int(os.environ.get("RANK", 0))
+    values = [{k: e[k] for k in KEYS} | {"step": e["step"]} for e in trainer.state.log_history if "eval_loss" in e]
+    record = {"world_size": trainer.args.world_size, "values": values, "series": cb.series,
+              "files": sorted(p.name for p in Path(out).glob("hfvolume/*"))}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record, default=str))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_callback_logs_the_single_process_values(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    subprocess.run([sys.executable, __file__, "worker", str(single)], env=env, check=True,
+                   timeout=LAUNCH_TIMEOUT_S)
+    env["ACCELERATE_USE_CPU"] = "true"  # the multi-process CPU recipe (ECOSYSTEM.md)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port())]
+    done = subprocess.run([*torchrun, __file__, "worker", str(multi)], env=env, timeout=LAUNCH_TIMEOUT_S,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    one = json.loads((single / "rank0.json").read_text())
+    ranks = [json.loads((multi / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert one["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]  # not two silent single runs
+    assert [v["step"] for v in one["values"]] == [2, 4]
+    assert ranks[0]["values"] == ranks[1]["values"] == one["values"]  # bitwise: same floats on every rank
+    assert [p["settings"]["world_size"] for p in ranks[0]["series"]] == [2, 2]
+    assert "series.json" in ranks[0]["files"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "worker":
+        worker(sys.argv[2])
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} worker OUT")
