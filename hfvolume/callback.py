@@ -17,13 +17,13 @@ Measurements never touch the model's weights, train/eval flags or any global RNG
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import os
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -485,11 +485,7 @@ def _runtime_keys(logs: Mapping[str, Any]) -> list[str]:
 
 
 def _have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _card_preserving(trainer: Any, create_model_card: Any) -> Any:

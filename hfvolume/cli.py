@@ -22,11 +22,11 @@ from typing import Any, Literal, Optional, Sequence
 from torch import nn
 
 from hfvolume.distributed import LaunchError
+from hfvolume.loading import load_local_model
 from hfvolume.results import VolumeResult
 
 logger = logging.getLogger("hfvolume")
 
-TASKS = ("auto", "causal-lm", "sequence-classification", "feature-extraction")
 
 
 @dataclass(frozen=True)
@@ -108,22 +108,6 @@ def _read_texts(path: str, text_field: str, limit: int) -> list[str]:
     return texts
 
 
-def _load_hf_model(path: str, task: str) -> tuple[nn.Module, str]:
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if task == "auto":
-        arch = (getattr(config, "architectures", None) or [""])[0]
-        task = ("causal-lm" if arch.endswith("ForCausalLM") else
-                "sequence-classification" if arch.endswith("ForSequenceClassification") else "feature-extraction")
-    cls = {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "feature-extraction": transformers.AutoModel,
-    }[task]
-    return cls.from_pretrained(path, local_files_only=True), task
-
-
 def tokenized_batches(tokenizer: Any, texts: Sequence[str], *, batch_size: int, max_length: int) -> list[dict]:
     """Padded, truncated ``input_ids`` / ``attention_mask`` batches of ``batch_size`` texts."""
     if tokenizer.pad_token is None:
@@ -165,7 +149,7 @@ def run_estimate(args: EstimateArguments) -> tuple[VolumeResult, dict[str, Any]]
             raise ValueError("--data is required with --model (a .txt, .json, .jsonl file or a saved dataset)")
         import transformers
 
-        model, task = _load_hf_model(args.model, args.task)
+        model, task = load_local_model(args.model, args.task)
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         texts = _read_texts(args.data, args.text_field, args.max_examples)
         data = tokenized_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)

@@ -20,6 +20,8 @@ import evaluate
 import torch
 
 from hfvolume.behaviors import is_causal_lm
+from hfvolume.loading import TASKS
+from hfvolume.loading import load_local_model
 from hfvolume.local_volume import estimate_local_volume
 
 _CITATION = """\
@@ -74,7 +76,6 @@ Examples:
     >>> out["information_content_bits"]
 """
 
-_TASKS = ("auto", "causal-lm", "sequence-classification", "feature-extraction")
 # The metric's own settings; everything else must be a keyword argument of estimate_local_volume.
 _METRIC_DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
@@ -127,8 +128,8 @@ class LocalVolume(evaluate.Metric):
             )
         batch_size = _positive_int("batch_size", metric_kw["batch_size"])
         max_length = None if metric_kw["max_length"] is None else _positive_int("max_length", metric_kw["max_length"])
-        if metric_kw["task"] not in _TASKS:
-            raise ValueError(f"unknown task {metric_kw['task']!r}: use one of {_TASKS}")
+        if metric_kw["task"] not in TASKS:
+            raise ValueError(f"unknown task {metric_kw['task']!r}: use one of {TASKS}")
         if not isinstance(metric_kw["return_per_direction"], bool):
             raise TypeError(f"return_per_direction must be a bool, got {metric_kw['return_per_direction']!r}")
         if model_spec is None:
@@ -222,19 +223,7 @@ def _load_model(spec: Any, task: str) -> torch.nn.Module:
     path = os.fspath(spec)
     if not os.path.isdir(path):
         raise ValueError(f"model={path!r} is not a local directory (the metric never downloads models)")
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if task == "auto":
-        arch = (getattr(config, "architectures", None) or [""])[0]
-        task = ("causal-lm" if arch.endswith("ForCausalLM") else
-                "sequence-classification" if arch.endswith("ForSequenceClassification") else "feature-extraction")
-    auto = {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "feature-extraction": transformers.AutoModel,
-    }[task]
-    return auto.from_pretrained(path, local_files_only=True).eval()
+    return load_local_model(path, task)[0]
 
 
 def _load_tokenizer(spec: Any) -> Any:
