@@ -539,7 +539,8 @@ def test_relative_eps_through_estimate_local_volume():
 
 
 def test_has_adam_state_through_wrappers():
-    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
     from hfvolume.optim_state import has_adam_state
 
@@ -548,5 +549,11 @@ def test_has_adam_state_through_wrappers():
     assert not has_adam_state(opt) and not has_adam_state(torch.optim.SGD([p], lr=0.1))
     p.grad = torch.ones(3)
     opt.step()
-    assert has_adam_state(opt) and has_adam_state(AcceleratedOptimizer(opt, device_placement=False))
+    try:
+        wrapped = Accelerator(cpu=True).prepare(opt)
+        assert type(wrapped).__name__ == "AcceleratedOptimizer"
+        assert has_adam_state(opt) and has_adam_state(wrapped)
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
     assert not has_adam_state(opt, moment="momentum_buffer")
