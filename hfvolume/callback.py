@@ -16,6 +16,7 @@ Measurements never touch the model's weights, train/eval flags or any global RNG
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -26,7 +27,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -202,6 +203,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         self._batches: list[Any] | None = None
         self._last: tuple[int, dict[str, float]] | None = None  # (global step, logged values) of the last measurement
         self._seconds_per_direction: float | None = None
+        self._warned: set[str] = set()  # warning templates already shown in this run (see _once_per_run)
 
     # ---------------------------------------------------------------------------------------- Trainer plumbing
     def state(self) -> dict[str, Any]:
@@ -240,6 +242,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._ensure_bound()
         self._last, self._batches = None, None  # a new train() call: fresh data loader, nothing measured yet
+        self._warned = set()
         resumed = state.global_step > 0
         self._restore_series(state)
         if self.config.sigma == "initial-rms" and self.config.prior == "gaussian":
@@ -330,7 +333,17 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             sigma = "rms" if cfg.sigma == "rms" else self.sigma
         n_directions = self._budget_directions()
         progress = bool(state.is_local_process_zero and not getattr(args, "disable_tqdm", False))
-        result = estimate_local_volume(
+        with _once_per_run(self._warned):
+            result = self._estimate(model, batches, preconditioner, options, mixture, sigma, n_directions,
+                                    optimizer, progress)
+        if result.n_directions:
+            self._seconds_per_direction = result.wall_time_s / result.n_directions
+        return result
+
+    def _estimate(self, model, batches, preconditioner, options, mixture, sigma, n_directions, optimizer,
+                  progress) -> VolumeResult:
+        cfg = self.config
+        return estimate_local_volume(
             model,
             batches,
             behavior=cfg.behavior,
@@ -347,9 +360,6 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             progress=progress,
             preconditioner_options=options,
         )
-        if result.n_directions:
-            self._seconds_per_direction = result.wall_time_s / result.n_directions
-        return result
 
     def _budget_directions(self) -> int:
         cfg = self.config
@@ -478,6 +488,36 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             if self.config.strict:
                 raise
             logger.warning("hfvolume: could not write the model card section: %s: %s", type(err).__name__, err)
+
+
+class _SeenFilter(logging.Filter):
+    """Passes each warning template of the "hfvolume" logger once per run and drops its repeats; records below
+    WARNING pass untouched."""
+
+    def __init__(self, seen: set[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextlib.contextmanager
+def _once_per_run(seen: set[str]) -> Iterator[None]:
+    """The same diagnostic (e.g. "ESS < 2") at every evaluation of a long run is noise: show each kind once."""
+    log = logging.getLogger("hfvolume")
+    flt = _SeenFilter(seen)
+    log.addFilter(flt)
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
 
 
 def _runtime_keys(logs: Mapping[str, Any]) -> list[str]:

@@ -290,3 +290,12 @@ def test_auto_proposal_is_adam_with_mixture_once_the_optimizer_has_state(tmp_pat
     assert before["name"] == "isotropic" and before["mixture"] == 0.0
     assert after["name"] == "adam" and after["mixture"] == 0.25
     assert after["exponent"] == 0.5 and after["eps_relative"] == 1.0
+
+
+def test_repeated_diagnostics_are_shown_once_per_run(tmp_path, caplog):
+    cb = LocalVolumeCallback(n_directions=2)
+    trainer = _trainer(tmp_path, [cb], max_steps=6)
+    with caplog.at_level(logging.WARNING, logger="hfvolume"):
+        trainer.train()
+    assert len(cb.series) == 3 and all(p["ess"] < 2 for p in cb.series)
+    assert sum("effective sample size" in r.getMessage() for r in caplog.records) == 1
