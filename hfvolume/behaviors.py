@@ -26,10 +26,13 @@ How the model is evaluated, and why:
   direction's result depend on the batch size. Measured on CPU (torch 2.13, MKL): vmap over K rows gives per-row
   outputs bitwise equal to vmap over one row for a GPT-NeoX LM, a BERT classifier and an MLP, for every K and
   offset tried (the plain, un-vmapped forward differs from both by ~1e-7 for the transformers, so the anchor
-  outputs are computed through the same path as every other row). Reductions that could change their
-  summation order with the number of rows are done one row at a time (a fixed-shape ``sum`` per row, accumulated
-  in float64 in batch order). On accelerators, where library kernels may be chosen by batch count, chunks are
-  padded to a fixed size by repeating the last row (``pad_chunks="auto"``), so every forward has the same shape.
+  outputs are computed through the same path as every other row) — but not for all-MiniLM-L6-v2 with two
+  threads, where one-row passes differ from multi-row ones (which agree with each other). The construction-time
+  check (``_check_row_invariance``) detects that and switches the behaviour to the per-row loop (recomputing the
+  anchor that way). Reductions that could change their summation order with the number of rows are done
+  per row (a fixed-shape float64 ``sum`` per row, or one batched sum over rows small enough that torch reduces
+  each serially). On accelerators, where library kernels may be chosen by batch count, chunks are padded to a
+  fixed size by repeating the last row (``pad_chunks="auto"``), so every forward has the same shape.
 * The model must be in eval mode (dropout/batch-norm in training mode make Δ random and batch-norm would update
   its running statistics). Saving and restoring the mode is the caller's job; construction raises ``ValueError``
   and a call raises ``RuntimeError`` if any submodule is in training mode.
@@ -76,6 +79,8 @@ DEFAULT_CACHE_BYTES_LIMIT = 2**30  # anchor cache kept on the model's device
 DEFAULT_HOST_CACHE_BYTES_LIMIT = 8 * 2**30  # anchor cache kept in host memory ("cpu") when the device one is full
 DEFAULT_DATASET_BATCH_SIZE = 8
 IGNORE_INDEX = -100  # the label value Hugging Face losses ignore
+_NARROW_SOFTMAX_WIDTH = 32  # "kl" log-probs of fewer classes use x − logsumexp(x) (faster there, see _reference)
+_SERIAL_REDUCTION_NUMEL = 32768  # torch's parallel grain size: smaller reductions run serially, for any C
 
 BehaviorSpec = Union[str, Callable[[Any, Any], torch.Tensor]]
 
@@ -590,7 +595,14 @@ class ModelBehavior:
         """Extracted outputs ``[C, *lead, width]`` → scored ``[C, N, width]`` in the compute dtype
         ("kl": log-probs). The anchor and every row go through this same code, so Δ(θ0) is exactly 0."""
         scored = out.reshape(out.shape[0], -1, batch.width).index_select(1, batch.index).to(self._compute_dtype)
-        return torch.log_softmax(scored, dim=-1) if self._kind == "kl" else scored
+        if self._kind != "kl":
+            return scored
+        if batch.width < _NARROW_SOFTMAX_WIDTH:
+            # Same value as log_softmax up to rounding, and per position, so still row-invariant. Measured on CPU
+            # (torch 2.13, one thread, [32, 256, 10]): log_softmax 1023 µs, this 185 µs — log_softmax's last-dim
+            # kernel is slow for narrow rows, which is where a classifier head's cost goes.
+            return scored - torch.logsumexp(scored, dim=-1, keepdim=True)
+        return torch.log_softmax(scored, dim=-1)
 
     def _batch_values(self, rows: torch.Tensor, batch: _Batch, anchor: _Anchor | None) -> torch.Tensor:
         """``[C]`` float64 contribution of one batch for rows ``[C, D]`` (a sum over scored positions for
@@ -610,7 +622,13 @@ class ModelBehavior:
             terms = ref.sub_(anchor.ref)
             terms.mul_(terms)
         # One fixed-shape reduction per row: a single reduction over [C, N, width] may split its summation
-        # differently for different C (torch parallelises small-output reductions along the reduced dim).
+        # differently for different C (with one output, i.e. C = 1, torch splits a reduction of ≥ 32768 elements
+        # over threads along the reduced dim). Below that size every C reduces each row serially with the same
+        # kernel, so one batched call gives the per-row sums bitwise (checked in tests) at a fraction of the
+        # per-call overhead of C separate sums.
+        per_row = terms[0].numel()
+        if per_row < _SERIAL_REDUCTION_NUMEL:
+            return terms.reshape(terms.shape[0], per_row).sum(dim=1, dtype=torch.float64)
         return torch.stack([terms[i].sum(dtype=torch.float64) for i in range(terms.shape[0])])
 
     # ------------------------------------------------------------------------------------------ anchor
@@ -763,26 +781,64 @@ class ModelBehavior:
             return _Anchor(ref=ref, p0=p0, p0_zero=p0 == 0)
         return _Anchor(ref=ref)
 
-    def _check_row_invariance(self) -> str:
-        """Evaluate the anchor as two rows of one pass on the first batch: the values must equal the anchor's
-        exactly (0 for "kl"/"output"). A mismatch means this device's kernels depend on the number of rows."""
-        if self._path != "vmap" or self._chunk < 2:
-            return "skipped"
+    def _anchor_matches(self, n_rows: int) -> tuple[bool, list[float], list[float]]:
+        """Whether the anchor evaluated as ``n_rows`` rows of one pass on the first scored batch gives exactly the
+        anchor's own value (0 for "kl"/"output"), with the values seen and expected."""
         b = next((x for x in self._batches if self._kind not in ("kl", "output") or x.n_scored > 0), None)
         if b is None:
-            return "skipped"
-        rows = self.anchor.unsqueeze(0).repeat(self._chunk if self._pad else 2, 1)
+            return True, [], []
+        rows = self.anchor.unsqueeze(0).repeat(n_rows, 1)
         with torch.no_grad():
-            vals = self._batch_values(rows, b, self._anchor_for(b))
+            vals = self._batch_values(rows, b, self._anchor_for(b)).cpu()
         expected = b.anchor_value if self._kind in ("loss", "callable") else torch.zeros(1, dtype=torch.float64)
-        if torch.equal(vals.cpu(), expected.to("cpu").expand_as(vals.cpu())):
+        expected = expected.to("cpu").expand_as(vals)
+        return torch.equal(vals, expected), vals.tolist(), expected.tolist()
+
+    def _refresh_anchor(self) -> None:
+        """Recompute the cached anchor references / values after the evaluation path changed."""
+        theta0 = self.anchor.unsqueeze(0)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for b in self._batches:
+                if self._kind in ("kl", "output"):
+                    if b.anchor is None:  # recompute mode: nothing cached
+                        continue
+                    ref = self._reference(self._run(theta0, b), b)[0]
+                    b.anchor = ref.to(b.anchor.device)
+                    if self._cache_mode == "cpu" and self.device.type == "cuda":
+                        b.anchor = b.anchor.pin_memory()
+                else:
+                    b.anchor_value = self._run(theta0, b).to(torch.float64) * b.n_examples
+                    total = total + b.anchor_value  # same arithmetic, in the same order, as __call__
+        if self._kind not in ("kl", "output"):
+            self._anchor_total = total
+            self.anchor_value = float((total / self.n_examples)[0])
+
+    def _check_row_invariance(self) -> str:
+        """Evaluate the anchor as several rows of one pass: the values must equal the anchor's exactly.
+
+        Measured on CPU with two threads (torch 2.13, all-MiniLM-L6-v2, 16 sentences): one-row vmapped passes
+        differ from multi-row ones in the last bits (Δ(θ0) came out 9e-9 instead of 0; a row's value moved by
+        3e-7 relative), while 2, 3 and 5 rows agree with each other — the kernels take another code path for a
+        single row. Padding every pass to two rows would fix that at twice the cost of one-direction-at-a-time
+        runs, so on a mismatch this behaviour uses the per-row loop instead (each row its own forward: invariant
+        by construction; for MiniLM on CPU it was also faster than vmap, whose attention runs row by row anyway),
+        recomputes the anchor through it and returns ``"fallback-loop"``. The decision depends on the device and
+        thread count, never on how many rows later calls pass.
+        """
+        if self._path != "vmap" or self._chunk < 2:
+            return "skipped"
+        ok, vals, expected = self._anchor_matches(self._chunk if self._pad else 2)
+        if ok:
             return "passed"
-        logger.warning(
-            "per-row values depend on the number of rows per pass on this device (anchor as 2 rows gave %s, "
-            "expected %s): radius decisions may depend on the batch size; use directions_per_pass=1 to avoid it",
-            vals.tolist(), expected.tolist(),
+        logger.info(
+            "vmapped rows depend on the number of rows per pass on this device (anchor as several rows gave %s, "
+            "expected %s): evaluating one row per forward instead", vals, expected,
         )
-        return "failed"
+        self._vmap_error = "row values depended on the number of rows per vmapped pass"
+        self._path, self._chunk = "loop", 1
+        self._refresh_anchor()
+        return "fallback-loop"
 
     # ------------------------------------------------------------------------------------------ public
     @property

@@ -29,9 +29,10 @@ logger = logging.getLogger("hfvolume")
 SigmaSpec = Union[None, str, float, Mapping[str, float], torch.Tensor]
 PriorMeanSpec = Union[None, Mapping[str, torch.Tensor], nn.Module, torch.Tensor]
 PreconditionerSpec = Union[None, str, Mapping[str, Any], torch.Tensor]
-# Lockstep width K: each [K, D] buffer (directions, perturbed points) stays under 16 MiB, K ≤ 32. Measured on CPU:
-# tiny models gain from wide passes (digits MLP), larger ones do not (GPT-NeoX 2.3M: 14.3 dirs/s at K = 2,
-# 11.6 at K = 32), and the buffers are most of the extra memory.
+# Lockstep width K: the two [K, D] buffers (directions, perturbed points) plus K rows of vmapped activations stay
+# under 16 MiB, K ≤ 32. Measured on CPU: tiny models gain from wide passes (digits MLP, one thread: 578 / 678 /
+# 644 / 640 dirs/s at K = 16 / 32 / 48 / 64), larger ones do not (GPT-NeoX 2.3M: 14.3 dirs/s at K = 2, 11.6 at
+# K = 32), and the buffers are most of the extra memory.
 DEFAULT_BATCH_BYTES = 16 * 2**20
 MAX_DIRECTIONS_PER_BATCH = 32
 
@@ -273,7 +274,13 @@ def estimate_local_volume(
             options=preconditioner_options,
         )
         if directions_per_batch is None:
-            row_bytes = view.n_params * (8 if anchor.dtype == torch.float64 else 4)
+            # Per lockstep direction: its [D] direction and perturbed point, plus the activations of its row in a
+            # vmapped pass (the behaviour's per-row estimate; 0 on the loop path, which runs one row at a time).
+            # Bounding K by both keeps the whole working set under DEFAULT_BATCH_BYTES (or one direction), for
+            # any n_directions.
+            row_bytes = 2 * view.n_params * (8 if anchor.dtype == torch.float64 else 4)
+            if fn.path == "vmap":
+                row_bytes += int(fn.describe()["row_bytes_estimate"])
             directions_per_batch = int(max(1, min(MAX_DIRECTIONS_PER_BATCH, DEFAULT_BATCH_BYTES // max(row_bytes, 1))))
         result = estimate_log_volume(
             fn,

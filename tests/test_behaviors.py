@@ -263,6 +263,72 @@ def test_rows_bitwise_independent_of_batching(name, make_neox, make_bert, make_m
         assert torch.equal(loop_out, reference)
 
 
+class _RowCountShift(torch.autograd.Function):
+    """Identity, except that a vmapped call adds ``shift(batch_size)``: stands in for kernels that take another
+    code path depending on the number of rows (as measured for all-MiniLM-L6-v2 with two CPU threads)."""
+
+    shift = staticmethod(lambda k: 0.0)
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        if in_dims[0] is None:
+            return x.clone(), None
+        return x.movedim(in_dims[0], 0) + _RowCountShift.shift(info.batch_size), 0
+
+
+class _RowCountModel(nn.Module):
+    def __init__(self, shift) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.shift = nn.Linear(20, 10), shift
+
+    def forward(self, x):
+        _RowCountShift.shift = staticmethod(self.shift)
+        return _RowCountShift.apply(self.lin(x))
+
+
+@pytest.mark.parametrize("shift", [lambda k: 1e-3 * (k == 1), lambda k: 1e-3 * k], ids=["one-row", "every-count"])
+def test_row_count_dependent_vmap_falls_back_to_the_loop(shift, caplog):
+    # Vmapped passes whose values depend on the number of rows: the check must notice and evaluate one row per
+    # forward from then on (anchor included, so Δ(θ0) stays exactly 0), with no warning: nothing is wrong after it.
+    model = _RowCountModel(shift).eval()
+    x = torch.randn(9, 20, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING", logger="hfvolume"):
+        fn = ModelBehavior(model, [x, x[:4]])
+    assert not caplog.records
+    info = fn.describe()
+    assert info["row_invariance_check"] == "fallback-loop" and fn.path == "loop" and fn.directions_per_pass == 1
+    assert info["vmap_error"]
+    assert float(fn(fn.anchor)) == 0.0
+    thetas = _perturb(fn.anchor, 5, 1e-2)
+    out = fn(thetas)
+    assert torch.equal(out, torch.stack([fn(thetas[i : i + 1])[0] for i in range(5)]))
+    assert torch.equal(out, ModelBehavior(model, [x, x[:4]], use_vmap=False)(thetas))
+    # The shift is real: vmapped multi-row passes do give other values (not an artefact of the test).
+    vmapped = ModelBehavior(model, [x, x[:4]], directions_per_pass=1)
+    assert vmapped.path == "vmap" and not torch.equal(vmapped(thetas), out)
+
+
+def test_batched_sum_equals_per_row_sums():
+    # The KL/output reduction sums rows of < 32768 elements in one call; it must equal one sum per row bitwise
+    # for every row count (row invariance rests on it), including odd sizes and a single row.
+    g = torch.Generator().manual_seed(3)
+    for n, width in ((449, 10), (1, 3), (37, 768), (4, 8191)):
+        terms = torch.rand(9, n, width, generator=g) * 1e-3
+        for c in (1, 2, 5, 9):
+            batched = terms[:c].reshape(c, -1).sum(dim=1, dtype=torch.float64)
+            per_row = torch.stack([terms[i].sum(dtype=torch.float64) for i in range(c)])
+            assert torch.equal(batched, per_row), (n, width, c)
+
+
 class _NotVmappable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
