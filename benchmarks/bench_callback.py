@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -22,21 +23,22 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_digits.py"
 
 
-def run_once(with_volume: bool, extra: list[str]) -> tuple[float, float]:
-    """(wall seconds of the whole script, seconds inside measurements) for one fresh run."""
+def run_once(with_volume: bool, extra: list[str]) -> tuple[float, float, float]:
+    """(wall seconds of the whole script, seconds of trainer.train(), seconds inside measurements), one fresh run."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(SCRIPT), "--output_dir", out, *extra]
         if not with_volume:
             cmd.append("--no_volume")
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env={**os.environ, "TQDM_DISABLE": "1"})
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
         wall = time.perf_counter() - start
+        train = float(re.search(r"training took ([0-9.]+) s", done.stdout).group(1))
         measured = 0.0
         series = Path(out) / "hfvolume" / "series.json"
         if with_volume and series.exists():
             measured = sum(p["wall_time_s"] for p in json.loads(series.read_text())["series"])
-    return wall, measured
+    return wall, train, measured
 
 
 def main() -> None:
@@ -45,21 +47,20 @@ def main() -> None:
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to train_digits.py (after --)")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
-    without, with_, inside = [], [], []
+    rows: dict[str, list[tuple[float, float, float]]] = {"without": [], "with": []}
     for i in range(args.repeats):
-        w, _ = run_once(False, extra)
-        v, m = run_once(True, extra)
-        without.append(w)
-        with_.append(v)
-        inside.append(m)
-        print(f"repeat {i + 1}: without {w:6.1f} s   with {v:6.1f} s   (measurements {m:5.1f} s)", flush=True)
-    base, total = statistics.median(without), statistics.median(with_)
-    print(f"\nmain job (scripts/train_digits.py {' '.join(extra)}), {args.repeats} alternating repeats, medians:")
-    print("| run | wall time (s) |\n|---|---|")
-    print(f"| without callback | {base:.1f} |\n| with callback (defaults) | {total:.1f} |")
-    print(f"| inside measurements | {statistics.median(inside):.1f} |")
-    print(f"\noverhead: {100 * (total - base) / base:+.1f}% (target ≤ 15%)")
-
+        rows["without"].append(run_once(False, extra))
+        rows["with"].append(run_once(True, extra))
+        (w, wt, _), (v, vt, m) = rows["without"][-1], rows["with"][-1]
+        print(f"repeat {i + 1}: without {w:6.1f} s (train {wt:5.1f})   with {v:6.1f} s (train {vt:5.1f}, "
+              f"measurements {m:5.2f})", flush=True)
+    med = {k: [statistics.median(col) for col in zip(*v)] for k, v in rows.items()}
+    print(f"\nmain job (scripts/train_digits.py {' '.join(extra)}), {args.repeats} alternating repeats, medians (s):")
+    print("| run | script wall time | of which trainer.train() | inside measurements |\n|---|---|---|---|")
+    print(f"| without callback | {med['without'][0]:.2f} | {med['without'][1]:.2f} | – |")
+    print(f"| with callback (defaults) | {med['with'][0]:.2f} | {med['with'][1]:.2f} | {med['with'][2]:.2f} |")
+    print(f"\noverhead on the main job's wall time: {100 * (med['with'][0] / med['without'][0] - 1):+.1f}% "
+          f"(target ≤ 15%); on trainer.train() alone: {100 * (med['with'][1] / med['without'][1] - 1):+.1f}%")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """The main job: train the digits MLP with a ``transformers.Trainer`` and track its information content.
 
-    python scripts/train_digits.py                         # defaults: 40 epochs, 10 evaluations, ~1 min on 2 cores
+    python scripts/train_digits.py                         # defaults: 40 epochs, 10 evaluations, ~10 s on 2 cores
     python scripts/train_digits.py --n_directions 64 --cutoff 0.01 --output_dir runs/digits
     python scripts/train_digits.py --corrupt_fraction 0.5  # a "poisoned" net: expect more bits (ESTIMATOR §6)
     python scripts/train_digits.py --no_volume             # the same run without the callback (for timing)
