@@ -201,22 +201,23 @@ def init_process_state(*, cpu: bool | None = None) -> ProcessGroupInfo:
 
 
 def refuse_sharded_parameters(model: torch.nn.Module) -> None:
-    """Raise NotImplementedError if ``model`` holds sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3).
+    """Raise NotImplementedError if ``model`` holds sharded parameters that cannot be measured in place.
 
     Each rank holds only a slice of such a parameter, so measuring "the model" on one rank would silently measure
-    a shard. Sharded measurement (every rank perturbing its slice of the same global direction) is not
-    implemented yet; unshard first (e.g. a full state dict loaded into an unwrapped copy) and measure that.
+    a shard. FSDP2 models (``fully_shard``) are measured by :mod:`hfvolume.sharded_behavior` and never reach this
+    check; what remains refused is DeepSpeed ZeRO-3 partitions (``ds_id``) and DTensors outside FSDP2 (tensor
+    parallelism). For those, unshard first (a full state dict loaded into an unwrapped copy) and measure that.
     """
     dtensor: type | None = None
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor as dtensor
     for name, p in model.named_parameters():
-        kind = ("DTensor (FSDP2 / tensor parallel)" if dtensor is not None and isinstance(p, dtensor) else
+        kind = ("DTensor outside FSDP2 (tensor parallel)" if dtensor is not None and isinstance(p, dtensor) else
                 "DeepSpeed ZeRO-3 partition" if hasattr(p, "ds_id") else None)
         if kind is not None:
             raise NotImplementedError(
-                f"parameter {name!r} is a {kind}: sharded models are not supported yet. Measure an unsharded "
-                "copy (gather a full state dict, load it into the unwrapped model class) instead."
+                f"parameter {name!r} is a {kind}: only FSDP2 (fully_shard) sharded models are supported. Measure "
+                "an unsharded copy (gather a full state dict, load it into the unwrapped model class) instead."
             )
 
 

@@ -22,15 +22,19 @@ import torch
 from tqdm.auto import tqdm
 
 from hfvolume.priors import GaussianPrior, UniformPrior, resolve_prior
-from hfvolume.proposals import Proposal, normalize_log_scales
+from hfvolume.proposals import Proposal, normalize_log_scales, sum_squares_f64
 from hfvolume.radius import RADIUS_METHODS, RadiusMethod, search_radii
 from hfvolume.results import LN2, DirectionFlag, VolumeResult
 from hfvolume.sharding import (
+    CoordinateShard,
     Sharding,
     SingleProcess,
+    check_coordinate_shard,
+    check_coordinates_agree,
     check_ranks_agree,
     check_sharding,
     gather_checked,
+    global_sums,
     shard_indices,
 )
 from hfvolume.stats import summarize_log_estimates
@@ -114,6 +118,7 @@ def estimate_log_volume(
     proposal_info: Mapping[str, Any] | None = None,
     extra_settings: Mapping[str, Any] | None = None,
     sharding: Sharding | None = None,
+    coordinates: CoordinateShard | None = None,
 ) -> VolumeResult:
     """Estimate the log prior mass of the local region {θ : fn(θ) − fn(anchor) ≤ cutoff} (ESTIMATOR.md §1).
 
@@ -142,6 +147,12 @@ def estimate_log_volume(
             same arguments; each searches its block of the directions, the per-direction arrays are all-gathered
             once per phase, and every rank returns the same result as one process would (``forward_passes`` is
             summed over ranks, ``wall_time_s`` is this rank's). Progress is shown on rank 0 only.
+        coordinates: for a model whose *parameters* are sharded (FSDP2): this rank's part of the coordinates
+            (:class:`hfvolume.sharding.CoordinateShard`). Every rank then calls this function with its local
+            ``[D_local]`` anchor (and local ``scales``), works on every direction (its local coordinates of the
+            same global direction), all-reduces every sum over coordinates, and needs an ``fn`` that returns the
+            same values on all ranks (so that all take the same radius-search decisions). Not combinable with a
+            multi-process ``sharding``. ``n_params`` in the result is the global D.
 
     Returns:
         A :class:`VolumeResult`; ``log_volume`` in nats.
@@ -171,30 +182,46 @@ def estimate_log_volume(
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     group = SingleProcess() if sharding is None else check_sharding(sharding)
     n_params = anchor.numel()
+    if coordinates is not None:
+        coordinates = check_coordinate_shard(coordinates, n_params)
+        if group.world_size > 1:
+            raise ValueError("coordinates= (a sharded model: every rank works on every direction) cannot be "
+                             f"combined with a {group.world_size}-process sharding= (directions split across ranks)")
+        n_params = coordinates.n_params
 
     dtype = perturbation_dtype(anchor.dtype)
     theta0 = anchor.detach().to(dtype)
-    anchor_norm = float(torch.linalg.vector_norm(theta0, dtype=torch.float64))
+    if coordinates is None:
+        anchor_norm = float(torch.linalg.vector_norm(theta0, dtype=torch.float64))
+    else:
+        anchor_norm = math.sqrt(float(global_sums(coordinates, np.array([sum_squares_f64(theta0)]))[0]))
     default_start = DEFAULT_START_FRACTION * (anchor_norm if anchor_norm > 0 else math.sqrt(n_params))
     t_first = default_start if initial_radius is None else _check_positive_float("initial_radius", initial_radius)
 
-    resolved = resolve_prior(prior, anchor, default_max_radius=UNIFORM_CAP_FACTOR * t_first)
-    log_scales = None if scales is None else normalize_log_scales(scales, n_params)
+    resolved = resolve_prior(prior, anchor, default_max_radius=UNIFORM_CAP_FACTOR * t_first, coordinates=coordinates)
+    log_scales = None if scales is None else normalize_log_scales(scales, n_params, coordinates=coordinates)
     info = dict(proposal_info or {"name": "isotropic" if scales is None else "scales"})
     proposal = Proposal(log_scales, mixture, info)
 
     behavior = _Behavior(fn, batched)
     f0 = float(behavior(theta0.unsqueeze(0))[0])
-    if group.world_size > 1:  # before any rank can raise alone, so a mismatch is reported and nobody blocks
+    if group.world_size > 1 or coordinates is not None:
+        # Before any rank can raise alone, so a mismatch is reported and nobody blocks. With sharded coordinates
+        # a mismatch (say in n_directions) would otherwise leave ranks waiting in different collectives.
         described = json.dumps([resolved.describe(), proposal.describe(), radius_method, delta, extra_settings],
                                sort_keys=True, default=str)
-        scales_sq = 0.0 if log_scales is None else float(log_scales.square().sum())
-        check_ranks_agree(group, {
+        agree: dict[str, float] = {
             "n_params": n_params, "n_directions": n_directions, "seed": seed, "cutoff": cutoff, "rtol": rtol,
-            "max_evaluations": max_evaluations, "initial_radius": t_first, "fn(anchor)": f0,
-            "|anchor|": anchor_norm, "Σ log² proposal scales": scales_sq,
-            "settings checksum": zlib.crc32(described.encode()),
-        }, hint="every rank must call with the same model, data and arguments (the data is not split across ranks)")
+            "max_evaluations": max_evaluations, "initial_radius": t_first, "fn(anchor)": f0, "|anchor|": anchor_norm,
+        }
+        if coordinates is None:  # sharded scales are local: their sum differs between ranks
+            agree["Σ log² proposal scales"] = 0.0 if log_scales is None else float(log_scales.square().sum())
+        agree["settings checksum"] = zlib.crc32(described.encode())
+        hint = "every rank must call with the same model, data and arguments (the data is not split across ranks)"
+        if coordinates is None:
+            check_ranks_agree(group, agree, hint=hint)
+        else:
+            check_coordinates_agree(coordinates, agree, hint=hint)
     if not math.isfinite(f0):
         raise ValueError(f"fn(anchor) is not finite ({f0}); the region {{fn − fn(anchor) ≤ cutoff}} is undefined")
 
@@ -207,7 +234,8 @@ def estimate_log_volume(
     nonfinite = np.empty(n_directions, dtype=np.int64)
 
     def run_batch(indices: np.ndarray, t_start: float) -> None:
-        w, lw = proposal.draw(indices.tolist(), n_params, seed=seed, dtype=dtype, device=theta0.device)
+        w, lw = proposal.draw(indices.tolist(), n_params, seed=seed, dtype=dtype, device=theta0.device,
+                              coordinates=coordinates)
         rays = resolved.rays(w)
 
         # One [K, D] buffer per batch, refilled every round: fresh D-sized allocations each round cost more
@@ -308,6 +336,8 @@ def estimate_log_volume(
         "dtype": str(dtype).replace("torch.", ""),
         "world_size": group.world_size,
     }
+    if coordinates is not None:
+        settings["coordinate_sharded"] = True
     settings.update(dict(extra_settings or {}))
     result = VolumeResult(
         log_volume=summary.log_mean,

@@ -23,6 +23,7 @@ from hfvolume.estimator import estimate_log_volume
 from hfvolume.params import ParameterView, rms
 from hfvolume.priors import GaussianPrior, UniformPrior
 from hfvolume.results import VolumeResult
+from hfvolume.sharded_behavior import FSDPCoordinates, ShardedModelBehavior, ShardedParameterView, fsdp_modules, reshard
 
 logger = logging.getLogger("hfvolume")
 
@@ -174,7 +175,7 @@ def _check_precision(view: ParameterView, result: VolumeResult, anchor: torch.Te
     radii = [r for r, f in zip(result.radii, result.flags) if f == "converged" and r > 0]
     if not radii:
         return
-    per_coord = float(np.median(radii)) / math.sqrt(view.n_params)
+    per_coord = float(np.median(radii)) / math.sqrt(result.n_params)
     scale = resolution * rms(anchor)
     if per_coord < scale:
         logger.warning(
@@ -246,6 +247,11 @@ def estimate_local_volume(
             get the same result, identical to one process's); refuses to run when the launcher started N
             independent single-process runs (:func:`hfvolume.distributed.check_launch`). True: require a group.
             False: ignore any group (each process computes the whole estimate).
+            FSDP2 models (``fully_shard``, Accelerate's FSDP v2) are measured on their own process group whatever
+            this says: every rank evaluates every direction on its own shards (:mod:`hfvolume.sharded_behavior`);
+            the result equals the unsharded model's up to float rounding. ``[D]`` tensors for ``sigma``,
+            ``prior_mean`` or ``preconditioner`` are then the global vectors; "fisher" is not supported, and
+            DeepSpeed ZeRO-3 models are refused (NotImplementedError).
 
     Returns:
         :class:`VolumeResult`; ``settings`` records the behaviour, data size, parameters and every knob.
@@ -254,13 +260,30 @@ def estimate_local_volume(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(prior, GaussianPrior) and (sigma is not None or prior_mean is not None):
         raise ValueError("pass sigma/prior_mean either inside GaussianPrior(...) or as arguments, not both")
-    refuse_sharded_parameters(model)
-    sharding = resolve_sharding(distributed)
+    fsdp = bool(fsdp_modules(model))
+    coordinates: FSDPCoordinates | None = None
+    if fsdp:
+        # Every rank works on every direction with its own shards (hfvolume.sharded_behavior); the directions
+        # are not split, whatever `distributed` says: the model's own process group is the one used.
+        sharding = None
+        reshard(model)
+        global_view = ParameterView.from_model(model, params)
+        coordinates = FSDPCoordinates.from_model(model, global_view)
+        view: ParameterView = ShardedParameterView.from_global(global_view, coordinates)
+        sigma, prior_mean, preconditioner = (
+            coordinates.take(x) if isinstance(x, torch.Tensor) and x.numel() == coordinates.n_params > view.n_params
+            else x for x in (sigma, prior_mean, preconditioner)
+        )
+        if isinstance(preconditioner, str) and preconditioner == "fisher":
+            raise NotImplementedError("preconditioner='fisher' is not supported for FSDP2-sharded models yet")
+    else:
+        refuse_sharded_parameters(model)
+        sharding = resolve_sharding(distributed)
+        view = ParameterView.from_model(model, params)
     # Every rank computes the same result: its warnings are rank 0's, so only rank 0 logs them.
-    quiet_ranks = main_process_logging() if sharding is not None else contextlib.nullcontext()
-    view = ParameterView.from_model(model, params)
+    quiet_ranks = main_process_logging() if sharding is not None or fsdp else contextlib.nullcontext()
     with quiet_ranks, preserved_state(model):
-        fn = ModelBehavior(
+        fn = (ShardedModelBehavior if fsdp else ModelBehavior)(
             model, data, view, behavior=behavior, max_batches=max_batches, max_examples=max_examples,
             anchor_cache=anchor_cache, collate_fn=collate_fn, batch_size=batch_size,
         )
@@ -299,6 +322,7 @@ def estimate_local_volume(
             proposal_info=proposal_info,
             extra_settings={"behavior": fn.describe(), "parameters": view.describe()},
             sharding=sharding,
+            coordinates=coordinates,
         )
         _check_precision(view, result, anchor)
     return result

@@ -20,6 +20,7 @@ import torch
 from hfvolume.numerics import log_ray_integral, log_sphere_area, log_unit_ball_volume, saturation_radius
 from hfvolume.proposals import sum_squares_f64
 from hfvolume.results import DirectionFlag
+from hfvolume.sharding import CoordinateShard, global_sums
 
 _COEFF_CHUNK = 1 << 18  # coordinates per float64 chunk when forming a and b
 SATURATION_LOG_TOL = -40.0  # stop searching once the prior mass beyond the radius is < e^-40 of the ray's total
@@ -69,13 +70,22 @@ class GaussianPrior:
             if not (math.isfinite(self.sigma) and self.sigma > 0):
                 raise ValueError(f"sigma must be positive and finite, got {self.sigma!r}")
 
-    def resolve(self, anchor: torch.Tensor) -> "ResolvedGaussianPrior":
+    def resolve(self, anchor: torch.Tensor, *, coordinates: CoordinateShard | None = None) -> "ResolvedGaussianPrior":
+        """About ``anchor`` ``[D]``; with ``coordinates`` (a sharded model) ``anchor``, a per-coordinate ``sigma`` and
+        ``mean`` are this shard's ``[D_local]`` slices and every sum is global (a collective)."""
         n = anchor.numel()
         # The anchor is read in place (chunks are upcast on the fly): a float64 copy would cost 8·D bytes.
         theta0 = anchor.detach().to(device="cpu").reshape(-1)
         sigma: Union[float, torch.Tensor]
-        if self.sigma is None:
-            rms = math.sqrt(sum_squares_f64(theta0) / n)
+        if coordinates is not None and isinstance(self.sigma, torch.Tensor) and self.sigma.numel() > 1:
+            sigma = _as_vector(self.sigma, n, "sigma")
+            n_bad = float(torch.count_nonzero(~torch.isfinite(sigma) | (sigma <= 0)))
+            n_bad = float(global_sums(coordinates, np.array([n_bad]))[0])
+            if n_bad:  # raised on every rank together (see normalize_log_scales)
+                raise ValueError(f"sigma must be positive and finite; {int(n_bad)} entries are not")
+        elif self.sigma is None:
+            total = float(global_sums(coordinates, np.array([sum_squares_f64(theta0)]))[0])
+            rms = math.sqrt(total / (n if coordinates is None else coordinates.n_params))
             if not (math.isfinite(rms) and rms > 0):
                 raise ValueError("sigma=None uses the RMS of the anchor, which is 0: pass sigma explicitly")
             sigma = rms
@@ -94,7 +104,7 @@ class GaussianPrior:
         mean = None if self.mean is None else _as_vector(self.mean, n, "mean")
         if mean is not None and not torch.isfinite(mean).all():
             raise ValueError("prior mean has non-finite entries")
-        return ResolvedGaussianPrior(theta0=theta0, sigma=sigma, mean=mean)
+        return ResolvedGaussianPrior(theta0=theta0, sigma=sigma, mean=mean, coordinates=coordinates)
 
 
 @dataclass(frozen=True)
@@ -111,9 +121,12 @@ class UniformPrior:
         if self.max_radius is not None and not (math.isfinite(self.max_radius) and self.max_radius > 0):
             raise ValueError(f"max_radius must be positive and finite, got {self.max_radius!r}")
 
-    def resolve(self, anchor: torch.Tensor, *, default_max_radius: float) -> "ResolvedUniformPrior":
+    def resolve(
+        self, anchor: torch.Tensor, *, default_max_radius: float, coordinates: CoordinateShard | None = None
+    ) -> "ResolvedUniformPrior":
         cap = self.max_radius if self.max_radius is not None else default_max_radius
-        return ResolvedUniformPrior(n_params=anchor.numel(), max_radius=float(cap))
+        n = anchor.numel() if coordinates is None else coordinates.n_params
+        return ResolvedUniformPrior(n_params=n, max_radius=float(cap))
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,6 +137,8 @@ class ResolvedGaussianPrior:
     theta0: torch.Tensor  # [D] anchor, any float dtype
     sigma: Union[float, torch.Tensor]  # σ, or [D] float64
     mean: Union[torch.Tensor, None]  # [D] float64, or None for the origin
+    # A sharded model's coordinates: the tensors above are then this shard's [D_local] and sums are all-reduced.
+    coordinates: Union[CoordinateShard, None] = None
 
     @property
     def centred_at_origin(self) -> bool:
@@ -145,8 +160,15 @@ class ResolvedGaussianPrior:
         for start in range(0, n, _COEFF_CHUNK):
             d, inv_var = self._chunk(start, start + _COEFF_CHUNK)
             norm += float(torch.sum(d * d * inv_var))
+        if self.coordinates is not None:
+            log_det_part = 0.0 if isinstance(self.sigma, float) else float(
+                torch.sum(torch.log(2 * math.pi * self.sigma * self.sigma)))
+            norm, log_det_part = (float(x) for x in global_sums(self.coordinates, np.array([norm, log_det_part])))
+            n = self.coordinates.n_params
         if isinstance(self.sigma, float):
             log_det = n * math.log(2 * math.pi * self.sigma * self.sigma)
+        elif self.coordinates is not None:
+            log_det = log_det_part
         else:
             log_det = float(torch.sum(torch.log(2 * math.pi * self.sigma * self.sigma)))
         object.__setattr__(self, "_norm_term", -0.5 * norm)
@@ -154,7 +176,8 @@ class ResolvedGaussianPrior:
 
     @property
     def n_params(self) -> int:
-        return self.theta0.numel()
+        """D (global for a sharded model)."""
+        return self.theta0.numel() if self.coordinates is None else self.coordinates.n_params
 
     @property
     def norm_term(self) -> float:
@@ -178,6 +201,8 @@ class ResolvedGaussianPrior:
                 else:
                     a[k] += float(torch.dot(w * w, inv_var))
                 b[k] -= float(torch.dot(w, d_inv_var))
+        if self.coordinates is not None:
+            a, b = global_sums(self.coordinates, np.stack([a, b]))
         return a, b
 
     def rays(self, directions: torch.Tensor) -> "GaussianRays":
@@ -188,6 +213,10 @@ class ResolvedGaussianPrior:
         if isinstance(self.sigma, float):
             sigma: Any = self.sigma
             sigma_rms = self.sigma
+        elif self.coordinates is not None:
+            # A collective: describe() is called on every rank (the estimator's settings).
+            sq = global_sums(self.coordinates, np.array([float(torch.sum(self.sigma * self.sigma))]))[0]
+            sigma, sigma_rms = "per-coordinate", math.sqrt(sq / self.coordinates.n_params)
         else:
             sigma, sigma_rms = "per-coordinate", float(torch.sqrt(torch.mean(self.sigma * self.sigma)))
         return {"name": "gaussian", "sigma": sigma, "sigma_rms": sigma_rms,
@@ -245,9 +274,15 @@ class UniformRays:
 
 
 def resolve_prior(
-    prior: Union[str, GaussianPrior, UniformPrior], anchor: torch.Tensor, *, default_max_radius: float
+    prior: Union[str, GaussianPrior, UniformPrior],
+    anchor: torch.Tensor,
+    *,
+    default_max_radius: float,
+    coordinates: CoordinateShard | None = None,
 ) -> Union[ResolvedGaussianPrior, ResolvedUniformPrior]:
-    """Turn the user's ``prior`` argument ("gaussian", "uniform" or an instance) into a resolved prior."""
+    """Turn the user's ``prior`` argument ("gaussian", "uniform" or an instance) into a resolved prior.
+
+    With ``coordinates`` (a sharded model) ``anchor`` is this shard's ``[D_local]`` slice (collective)."""
     if isinstance(prior, str):
         name = prior.lower()
         if name == "gaussian":
@@ -257,9 +292,9 @@ def resolve_prior(
         else:
             raise ValueError(f"unknown prior {prior!r}: use 'gaussian', 'uniform', GaussianPrior(...) or UniformPrior(...)")
     if isinstance(prior, GaussianPrior):
-        return prior.resolve(anchor)
+        return prior.resolve(anchor, coordinates=coordinates)
     if isinstance(prior, UniformPrior):
-        return prior.resolve(anchor, default_max_radius=default_max_radius)
+        return prior.resolve(anchor, default_max_radius=default_max_radius, coordinates=coordinates)
     raise TypeError(f"prior must be 'gaussian', 'uniform', GaussianPrior or UniformPrior, got {type(prior).__name__}")
 
 

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from hfvolume.sharding import CoordinateShard, global_sums, local_size
+
 BLOCK = 1 << 16  # coordinates per generator block; fixed forever, since it defines which direction a seed gives
 
 
@@ -56,6 +58,15 @@ def gaussian_direction(
     return out
 
 
+def local_gaussian_direction(
+    index: int, coordinates: CoordinateShard, *, seed: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """This shard's coordinates ``[D_local]`` of u_index ∈ R^D (its ``local_ranges`` one after the other)."""
+    parts = [gaussian_direction(index, coordinates.n_params, seed=seed, dtype=dtype, start=a, stop=b)
+             for a, b in coordinates.local_ranges]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
 _NORM_CHUNK = 1 << 18
 
 
@@ -76,17 +87,21 @@ def sum_squares_f64(x: torch.Tensor, weights: torch.Tensor | None = None) -> flo
 
 
 def normalize_log_scales(
-    scales: torch.Tensor | np.ndarray | Sequence[float], n_params: int
+    scales: torch.Tensor | np.ndarray | Sequence[float], n_params: int, *, coordinates: CoordinateShard | None = None
 ) -> torch.Tensor | None:
     """``[D]`` positive proposal scales → ``[D]`` float64 log scales with zero mean (unit geometric mean, det P = 1).
 
     Constant scales are the isotropic proposal: None is returned so that the result equals the naive one bit for
     bit (e.g. Adam's second moment at step 0), rather than up to the rounding of a weight of exactly 1.
+    With ``coordinates`` (a sharded model), ``scales`` are this shard's ``[D_local]`` and so is the result; the
+    mean and the checks are global (collectives: every rank calls this).
     """
     if isinstance(scales, torch.Tensor):
         p = scales.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     else:
         p = torch.as_tensor(np.asarray(scales, dtype=np.float64)).reshape(-1)
+    if coordinates is not None:
+        return _normalize_local_log_scales(p, coordinates)
     if p.numel() != n_params:
         raise ValueError(f"scales must have {n_params} entries (one per parameter), got {p.numel()}")
     bad = torch.nonzero(~torch.isfinite(p) | (p <= 0))
@@ -97,6 +112,28 @@ def normalize_log_scales(
         return None
     log_p = torch.log(p)
     return log_p - log_p.mean()
+
+
+def _normalize_local_log_scales(p: torch.Tensor, coordinates: CoordinateShard) -> torch.Tensor | None:
+    n_local, n = local_size(coordinates), coordinates.n_params
+    # Global coordinate 0 lives on exactly one rank: summing (p[0] there, 0 elsewhere) hands its value to all.
+    owns_first = bool(coordinates.local_ranges) and coordinates.local_ranges[0][0] == 0 and n_local > 0
+    wrong_size = float(p.numel() != n_local)
+    ok = p.numel() == n_local
+    bad = float(torch.count_nonzero(~torch.isfinite(p) | (p <= 0))) if ok else 0.0
+    first = float(p[0]) if ok and owns_first else 0.0
+    wrong_size, bad, first = global_sums(coordinates, np.array([wrong_size, bad, first]))
+    # Every rank raises together: one rank raising alone would leave the others blocked in the next collective.
+    if wrong_size:
+        raise ValueError(f"scales must have this shard's {n_local} entries on every rank (D = {n} in all)")
+    if bad:
+        raise ValueError(f"scales must be positive and finite; {int(bad)} entries are not")
+    differ = float(torch.count_nonzero(p != first))
+    log_p = torch.log(p)
+    differ, log_sum = global_sums(coordinates, np.array([differ, float(log_p.sum(dtype=torch.float64))]))
+    if differ == 0:
+        return None
+    return log_p - log_sum / n
 
 
 def is_isotropic_draw(index: int, mixture: float) -> bool:
@@ -133,26 +170,45 @@ class Proposal:
         return {**self.info, "mixture": float(self.mixture)}
 
     def draw(
-        self, indices: Sequence[int], n_params: int, *, seed: int, dtype: torch.dtype, device: torch.device | str
+        self,
+        indices: Sequence[int],
+        n_params: int,
+        *,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        coordinates: CoordinateShard | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Unit directions ``[K, D]`` (``dtype`` on ``device``) and their ``[K]`` log importance weights (nats).
 
         log weight = −log q(w), with log q_ACG(w) = −D·log|P⁻¹w| and the mixture log q = logaddexp(log α,
         log(1−α) + log q_ACG). An isotropic proposal has weight 1 (log 0) exactly.
+        With ``coordinates`` (a sharded model) the rows are this shard's ``[K, D_local]`` part of the same global
+        unit directions (``log_scales`` is then local too); norms are all-reduced, so this is a collective.
         """
         scales = None if self.log_scales is None else torch.exp(self.log_scales)
         inv_sq = None if scales is None else scales.pow(-2)
-        out = torch.empty(len(indices), n_params, dtype=dtype)
+        width = n_params if coordinates is None else local_size(coordinates)
+        out = torch.empty(len(indices), width, dtype=dtype)
         log_w = np.zeros(len(indices), dtype=np.float64)
         for k, i in enumerate(indices):
             row = out[k]
-            row.copy_(gaussian_direction(int(i), n_params, seed=seed, dtype=dtype))
+            if coordinates is None:
+                row.copy_(gaussian_direction(int(i), n_params, seed=seed, dtype=dtype))
+            else:
+                row.copy_(local_gaussian_direction(int(i), coordinates, seed=seed, dtype=dtype))
             if scales is not None and not is_isotropic_draw(int(i), self.mixture):
                 row.copy_(row.to(torch.float64) * scales)
-            row.div_(math.sqrt(sum_squares_f64(row)))
-            if inv_sq is not None and self.mixture < 1.0:
+        # Each row's arithmetic is its own (the same as one row at a time); only the sums are batched, so a
+        # sharded run needs one collective per batch for the norms and one for the weights.
+        sq = global_sums(coordinates, np.array([sum_squares_f64(out[k]) for k in range(len(indices))]))
+        for k in range(len(indices)):
+            out[k].div_(math.sqrt(float(sq[k])))
+        if inv_sq is not None and self.mixture < 1.0:
+            pinv_sq = global_sums(coordinates, np.array([sum_squares_f64(out[k], inv_sq) for k in range(len(indices))]))
+            for k in range(len(indices)):
                 # |P⁻¹ w| from the w actually used, so the weight matches the direction that is perturbed along.
-                log_norm_pinv_w = 0.5 * math.log(sum_squares_f64(row, inv_sq))
+                log_norm_pinv_w = 0.5 * math.log(float(pinv_sq[k]))
                 log_q_acg = -n_params * log_norm_pinv_w
                 if self.mixture > 0.0:
                     log_q = float(np.logaddexp(math.log(self.mixture), math.log1p(-self.mixture) + log_q_acg))
@@ -162,4 +218,7 @@ class Proposal:
         return out.to(device), log_w
 
 
-__all__ = ["BLOCK", "Proposal", "gaussian_direction", "is_isotropic_draw", "normalize_log_scales", "sum_squares_f64"]
+__all__ = [
+    "BLOCK", "Proposal", "gaussian_direction", "is_isotropic_draw", "local_gaussian_direction", "normalize_log_scales",
+    "sum_squares_f64",
+]

@@ -4,6 +4,10 @@ The estimator only needs three things from a multi-process run: which rank it is
 an all-gather. :class:`Sharding` is that contract; :mod:`hfvolume.distributed` builds one from torch.distributed
 / Accelerate, and tests can build one from threads. Because direction i depends only on (seed, i) and its start
 radius, any split of the indices gives the same per-direction results as one process.
+
+A model whose *parameters* are sharded (FSDP2) needs the other split: every rank works on every direction but
+holds only some coordinates of θ. :class:`CoordinateShard` is that contract (which global coordinates are local,
+and a float64 all-reduce); :mod:`hfvolume.sharded_behavior` builds one from an FSDP2 model.
 """
 from __future__ import annotations
 
@@ -100,4 +104,83 @@ def check_ranks_agree(sharding: Sharding, values: Mapping[str, float], *, hint: 
         raise ValueError(f"ranks disagree on {'; '.join(problems)}. Cause: {hint}")
 
 
-__all__ = ["Sharding", "SingleProcess", "check_ranks_agree", "check_sharding", "gather_checked", "shard_indices"]
+@runtime_checkable
+class CoordinateShard(Protocol):
+    """This process's part of the *coordinates* of θ ∈ R^D, for a model whose parameters are sharded (FSDP2).
+
+    Every rank works on every direction but holds only its local coordinates: the global coordinate ranges
+    ``local_ranges`` (sorted, disjoint, half-open, in ``[0, n_params)``), stored one after the other in a local
+    ``[D_local]`` vector. Every global sum the core needs (norms, prior coefficients, log weights) is a local
+    partial sum followed by ``all_reduce_sum``: a collective that every rank calls in the same order with a float64
+    array of the same shape, and that returns to every rank the same float64 array (the elementwise sum over
+    ranks, bit for bit identical on all of them, so that their radius searches take the same decisions).
+    """
+
+    @property
+    def n_params(self) -> int: ...
+
+    @property
+    def local_ranges(self) -> tuple[tuple[int, int], ...]: ...
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray: ...
+
+
+def local_size(coordinates: CoordinateShard) -> int:
+    """D_local: the number of coordinates ``coordinates`` holds."""
+    return sum(stop - start for start, stop in coordinates.local_ranges)
+
+
+def check_coordinate_shard(coordinates: Any, n_local: int) -> CoordinateShard:
+    """Validate a user-supplied coordinate shard against the local vector length ``n_local``."""
+    if not isinstance(coordinates, CoordinateShard):
+        raise TypeError(
+            f"coordinates must have n_params, local_ranges and all_reduce_sum(values), got {type(coordinates).__name__}"
+        )
+    n, previous = coordinates.n_params, 0
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"coordinates.n_params must be a positive int, got {n!r}")
+    for start, stop in coordinates.local_ranges:
+        if not previous <= start <= stop <= n:
+            raise ValueError(f"coordinates.local_ranges must be sorted, disjoint ranges in [0, {n}); got "
+                             f"{list(coordinates.local_ranges)}")
+        previous = stop
+    if local_size(coordinates) != n_local:
+        raise ValueError(f"coordinates.local_ranges cover {local_size(coordinates)} coordinates but the local "
+                         f"vector has {n_local}")
+    return coordinates
+
+
+def global_sums(coordinates: CoordinateShard | None, values: np.ndarray) -> np.ndarray:
+    """Local partial sums → global sums (float64); the values themselves when the coordinates are not sharded."""
+    values = np.asarray(values, dtype=np.float64)
+    if coordinates is None:
+        return values
+    out = np.asarray(coordinates.all_reduce_sum(np.ascontiguousarray(values)), dtype=np.float64)
+    if out.shape != values.shape:
+        raise RuntimeError(f"coordinates.all_reduce_sum returned shape {out.shape} for input shape {values.shape}")
+    return out
+
+
+def check_coordinates_agree(coordinates: CoordinateShard, values: Mapping[str, float], *, hint: str) -> None:
+    """Collective: raise ValueError on every rank if the ranks holding ``coordinates`` disagree on any of ``values``.
+
+    Only sums are available, so each float64 is split into four 16-bit integers q; with W = Σ 1, S1 = Σ q and
+    S2 = Σ q² over the ranks (all exact in float64), the ranks agree on q exactly when W·S2 = S1² (equality in
+    Cauchy–Schwarz). Values are compared bit for bit (NaN equals NaN of the same payload).
+    """
+    names = list(values)
+    bits = np.array([float(values[n]) for n in names], dtype=np.float64).view(np.uint64)
+    pieces = np.stack([(bits >> np.uint64(16 * j)) & np.uint64(0xFFFF) for j in range(4)], axis=1).astype(np.float64)
+    totals = global_sums(coordinates, np.concatenate([[1.0], pieces.reshape(-1), (pieces * pieces).reshape(-1)]))
+    world, s1, s2 = totals[0], totals[1 : 1 + pieces.size], totals[1 + pieces.size :]
+    differ = (world * s2 != s1 * s1).reshape(len(names), 4).any(axis=1)
+    if differ.any():
+        bad = [n for n, d in zip(names, differ) if d]
+        raise ValueError(f"ranks disagree on {', '.join(bad)} (this rank: "
+                         f"{', '.join(f'{n}={values[n]!r}' for n in bad)}). Cause: {hint}")
+
+
+__all__ = [
+    "CoordinateShard", "Sharding", "SingleProcess", "check_coordinate_shard", "check_coordinates_agree",
+    "check_ranks_agree", "check_sharding", "gather_checked", "global_sums", "local_size", "shard_indices",
+]
