@@ -60,7 +60,7 @@ import logging
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -576,8 +576,14 @@ class ModelBehavior:
         )
         return self._extract(outputs, batch)
 
-    def _run(self, rows: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        """Extracted outputs ``[C, ...]`` for rows ``[C, D]`` on one batch, through this behaviour's path."""
+    def _run(self, rows: torch.Tensor | None, batch: _Batch) -> torch.Tensor:
+        """Extracted outputs ``[C, ...]`` for rows ``[C, D]`` on one batch, through this behaviour's path; with
+        ``rows=None``, ``[1, ...]`` for the parameters the model holds (the in-place path of evaluate_along)."""
+        if rows is None:
+            out = self._extract(self.model(*batch.args, **batch.kwargs), batch).unsqueeze(0)
+            self.model_calls += 1
+            self.forward_passes += 1
+            return out
         if self._path == "vmap":
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_SDPA_FALLBACK_WARNING)
@@ -604,9 +610,9 @@ class ModelBehavior:
             return scored - torch.logsumexp(scored, dim=-1, keepdim=True)
         return torch.log_softmax(scored, dim=-1)
 
-    def _batch_values(self, rows: torch.Tensor, batch: _Batch, anchor: _Anchor | None) -> torch.Tensor:
+    def _batch_values(self, rows: torch.Tensor | None, batch: _Batch, anchor: _Anchor | None) -> torch.Tensor:
         """``[C]`` float64 contribution of one batch for rows ``[C, D]`` (a sum over scored positions for
-        "kl"/"output", n_examples × value for "loss"/callable)."""
+        "kl"/"output", n_examples × value for "loss"/callable); ``rows=None``: see :meth:`_run`."""
         if self._kind in ("loss", "callable"):
             return self._run(rows, batch).to(torch.float64) * batch.n_examples
         assert anchor is not None  # internal: set for "kl"/"output" by _anchor_for
@@ -845,6 +851,56 @@ class ModelBehavior:
     def raw_batches(self) -> list[Any]:
         """The materialised batches as given (on the model's device), e.g. for the Fisher proposal."""
         return [b.raw for b in self._batches]
+
+    def evaluate_along(
+        self, theta0: torch.Tensor, directions: torch.Tensor, ts: Sequence[float]
+    ) -> torch.Tensor | None:
+        """Behaviour values at θ0 + t_k·w_k for the rows w_k of ``directions`` ``[K, D]``, without a ``[K, D]``
+        buffer of perturbed points (``[K]`` float64 on the CPU, like :meth:`__call__`).
+
+        On the per-row loop path (large models) each point is written into the model's own parameters, evaluated
+        with the ordinary forward, and the parameters are restored bit for bit from :attr:`anchor` afterwards,
+        also when the forward raises (ESTIMATOR.md §3: "restore from a saved copy"). This saves the D-sized
+        points buffer. Returns None, and the caller builds the points itself, on the vmap path, or when
+        ``theta0`` is not this behaviour's anchor, or when the model's parameters no longer hold the anchor
+        (someone changed them since this behaviour was built: restoring would undo their change).
+        """
+        if self._path != "loop":
+            return None
+        if _any_training(self.model):
+            raise RuntimeError("the model is in training mode: call model.eval() before evaluating the behaviour")
+        if theta0.shape != self.anchor.shape or theta0.dtype != self.anchor.dtype or not (
+            theta0.data_ptr() == self.anchor.data_ptr() or torch.equal(theta0, self.anchor)
+        ):
+            return None
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        targets = [(params[name], sl) for name, sl in zip(self.view.names, self.view.tensor_slices().values())]
+        with torch.no_grad():
+            if not all(torch.equal(p.detach(), self.anchor[sl].view(p.shape).to(p.dtype)) for p, sl in targets):
+                return None
+            acc = torch.zeros(directions.shape[0], dtype=torch.float64, device=self.device)
+            try:
+                for k, t in enumerate(float(x) for x in ts):
+                    w = directions[k].to(self.device)
+                    for p, sl in targets:
+                        base, step = self.anchor[sl].view(p.shape), w[sl].view(p.shape)
+                        if p.dtype == base.dtype:
+                            torch.add(base, step, alpha=t, out=p.data)
+                        else:  # bf16/fp16 parameters: the point is formed in the row dtype, then cast
+                            p.data.copy_(torch.add(base, step, alpha=t))
+                    for b in self._batches:
+                        if self._kind in ("kl", "output") and b.n_scored == 0:
+                            continue
+                        acc[k] += self._batch_values_inplace(b)
+            finally:
+                for p, sl in targets:
+                    p.data.copy_(self.anchor[sl].view(p.shape))
+            denom = self.n_scored if self._kind in ("kl", "output") else self.n_examples
+            return (acc / denom).cpu()
+
+    def _batch_values_inplace(self, batch: _Batch) -> torch.Tensor:
+        """One batch's contribution at the parameters the model holds now (see :meth:`evaluate_along`)."""
+        return self._batch_values(None, batch, self._anchor_for(batch))[0]
 
     def __call__(self, thetas: torch.Tensor) -> torch.Tensor:
         """Behaviour values of parameter rows.

@@ -96,6 +96,27 @@ class _Behavior:
         self.calls += points.shape[0]
         return out.numpy()
 
+    def along(self, theta0: torch.Tensor, w: torch.Tensor, rows: np.ndarray, ts: np.ndarray) -> np.ndarray | None:
+        """Values at θ0 + ts[j]·w[rows[j]] from ``fn.evaluate_along(θ0, [1, D] direction, [t])`` when a batched
+        fn offers it and accepts (one row per call: a view of ``w``, never a gathered copy), else None."""
+        method = getattr(self.fn, "evaluate_along", None) if self.batched else None
+        if method is None:
+            return None
+        values = []
+        with torch.no_grad():
+            for r, t in zip(rows.tolist(), ts.tolist()):
+                out = method(theta0, w[r : r + 1], [float(t)])
+                if out is None:
+                    if values:
+                        raise RuntimeError("evaluate_along accepted some rows of a round and declined others")
+                    return None
+                out = torch.as_tensor(out).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+                if out.numel() != 1:
+                    raise ValueError(f"evaluate_along returned {out.numel()} values for 1 point")
+                values.append(float(out[0]))
+                self.calls += 1
+        return np.asarray(values, dtype=np.float64)
+
 
 def estimate_log_volume(
     fn: Behavior,
@@ -240,12 +261,19 @@ def estimate_log_volume(
 
         # One [K, D] buffer per batch, refilled every round: fresh D-sized allocations each round cost more
         # (page faults) than the arithmetic for large models. θ0 is never written to (no drift).
-        points = torch.empty_like(w)
+        # A behaviour that can evaluate θ0 + t·w itself (ModelBehavior's in-place path for large models) is
+        # asked first and spares this buffer; it is allocated on the first round that needs it.
+        points: list[torch.Tensor] = []
 
         def evaluate(rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
+            along = behavior.along(theta0, w, rows, ts)
+            if along is not None:
+                return along - f0
+            if not points:
+                points.append(torch.empty_like(w))
             for j, (r, t) in enumerate(zip(rows.tolist(), ts.tolist())):
-                torch.add(theta0, w[r], alpha=t, out=points[j])
-            return behavior(points[: len(rows)]) - f0
+                torch.add(theta0, w[r], alpha=t, out=points[0][j])
+            return behavior(points[0][: len(rows)]) - f0
 
         found = search_radii(
             evaluate,

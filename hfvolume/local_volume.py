@@ -287,7 +287,9 @@ def estimate_local_volume(
             model, data, view, behavior=behavior, max_batches=max_batches, max_examples=max_examples,
             anchor_cache=anchor_cache, collate_fn=collate_fn, batch_size=batch_size,
         )
-        anchor = view.flatten(model)
+        # The behaviour's own copy of θ0 (already in the perturbation dtype): a second D-sized copy would only
+        # cost memory, and its in-place path recognises its anchor.
+        anchor = view.flatten(model) if fsdp else fn.anchor
         if isinstance(prior, str) and prior.lower() == "gaussian":
             prior = GaussianPrior(sigma=_resolve_sigma(sigma, view), mean=_resolve_prior_mean(prior_mean, view))
         elif sigma is not None or prior_mean is not None:

@@ -37,16 +37,23 @@ def gaussian_direction(
     dtype: torch.dtype = torch.float32,
     start: int = 0,
     stop: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Coordinates ``[start, stop)`` of the standard normal vector u_index ∈ R^D; shape ``[stop − start]``.
 
     Drawn on the CPU from private generators (never the global RNG); the same (seed, index) always gives the
-    same vector for a given dtype, whatever slice is asked for.
+    same vector for a given dtype, whatever slice is asked for. ``out``: a ``[stop − start]`` CPU tensor of
+    ``dtype`` to fill (and return) instead of allocating one, so drawing into a direction buffer needs no D-sized
+    temporary.
     """
     stop = n_params if stop is None else stop
     if not 0 <= start <= stop <= n_params:
         raise ValueError(f"bad coordinate range [{start}, {stop}) for n_params={n_params}")
-    out = torch.empty(stop - start, dtype=dtype)
+    if out is None:
+        out = torch.empty(stop - start, dtype=dtype)
+    elif out.shape != (stop - start,) or out.dtype != dtype or out.device.type != "cpu":
+        raise ValueError(f"out must be a CPU {dtype} tensor of shape [{stop - start}], got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
     first, last = start // BLOCK, (stop - 1) // BLOCK if stop > start else start // BLOCK - 1
     gen = torch.Generator(device="cpu")
     for block in range(first, last + 1):
@@ -194,11 +201,14 @@ class Proposal:
         for k, i in enumerate(indices):
             row = out[k]
             if coordinates is None:
-                row.copy_(gaussian_direction(int(i), n_params, seed=seed, dtype=dtype))
+                gaussian_direction(int(i), n_params, seed=seed, dtype=dtype, out=row)
             else:
                 row.copy_(local_gaussian_direction(int(i), coordinates, seed=seed, dtype=dtype))
             if scales is not None and not is_isotropic_draw(int(i), self.mixture):
-                row.copy_(row.to(torch.float64) * scales)
+                # In float64, a chunk at a time: the same values as the whole-row product, no D-sized float64 copy.
+                for c in range(0, row.numel(), _NORM_CHUNK):
+                    chunk = row[c : c + _NORM_CHUNK]
+                    chunk.copy_(chunk.to(torch.float64) * scales[c : c + _NORM_CHUNK])
         # Each row's arithmetic is its own (the same as one row at a time); only the sums are batched, so a
         # sharded run needs one collective per batch for the norms and one for the weights.
         sq = global_sums(coordinates, np.array([sum_squares_f64(out[k]) for k in range(len(indices))]))

@@ -293,6 +293,10 @@ class ShardedModelBehavior(ModelBehavior):
             self._reshard()  # so that the next row's writes into the shards are all-gathered again
         return self._extract(outputs, batch)
 
+    def evaluate_along(self, theta0: torch.Tensor, directions: torch.Tensor, ts: Any) -> None:
+        """Not offered: this behaviour writes rows into the local shards itself (see :meth:`__call__`)."""
+        return None
+
     def __call__(self, thetas: torch.Tensor) -> torch.Tensor:
         """``[K, D_local]`` (or ``[D_local]``) rows → ``[K]`` (or scalar) float64 on the CPU, rank 0's values."""
         try:

@@ -551,3 +551,70 @@ def test_estimator_results_do_not_depend_on_batch_size(make_neox, lm_batch):
     assert results[0].radii == results[1].radii
     assert results[0].log_estimates == results[1].log_estimates
     assert all(f == "converged" for f in results[0].flags)
+
+
+# ------------------------------------------------------------------------------------- in-place path
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("behavior", ["kl", "loss"])
+def test_in_place_path_equals_the_points_path_and_restores(make_neox, lm_batch, behavior):
+    """Loop path: evaluate_along writes θ0 + t·w into the model and restores it; the values are those of the
+    functional (points) path, and the estimator gives the same per-direction results either way."""
+    from hfvolume import estimate_log_volume
+
+    model = make_neox(tie=True)
+    before = _state(model)
+    fn = ModelBehavior(model, [lm_batch], ParameterView.from_model(model), behavior=behavior, use_vmap=False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, fn.view.n_params, generator=g)
+    w /= w.norm(dim=1, keepdim=True)
+    ts = [0.3, 1.0, 2.5]
+    inplace = torch.stack([fn.evaluate_along(fn.anchor, w[k : k + 1], [ts[k]])[0] for k in range(3)])
+    points = fn(torch.stack([fn.anchor + t * w[k] for k, t in enumerate(ts)]))
+    # The two paths run different float32 kernels on points that may differ in the last bit (vectorised FMA vs
+    # scalar tails of θ0 + t·w): Δ agrees to float32 rounding of the outputs, far inside rtol·cutoff = 1e-4.
+    torch.testing.assert_close(inplace, points, rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
+
+    common = dict(cutoff=1e-2, n_directions=4, batched=True, progress=False, seed=3)
+    fast = estimate_log_volume(fn, fn.anchor, **common)
+    plain = estimate_log_volume(lambda th: fn(th), fn.anchor, **common)  # no evaluate_along: points buffer
+    # A relative change x of Δ moves a secant step's radius by about x/2 and the log estimate by about D·x/2:
+    # with x ≲ 1e-5 (above) the estimates agree to D·1e-5 nats; the search takes the same number of steps.
+    np.testing.assert_allclose(fast.radii, plain.radii, rtol=1e-5)
+    np.testing.assert_allclose(fast.log_estimates, plain.log_estimates, rtol=0, atol=1e-5 * fast.n_params)
+    assert fast.flags == plain.flags and fast.forward_passes == plain.forward_passes
+    assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
+
+
+def test_in_place_path_restores_after_an_exception_and_declines_stale_anchors(make_mlp):
+    model = make_mlp()
+    x = torch.randn(8, 20, generator=torch.Generator().manual_seed(1))
+    fn = ModelBehavior(model, [(x,)], ParameterView.from_model(model), use_vmap=False)
+    before = _state(model)
+    w = torch.ones(1, fn.view.n_params) / fn.view.n_params**0.5
+
+    calls = []
+
+    def explode(module, args, output):
+        calls.append(1)
+        raise RuntimeError("forward failed")
+
+    handle = model[2].register_forward_hook(explode)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        fn.evaluate_along(fn.anchor, w, [0.5])
+    handle.remove()
+    assert calls and all(torch.equal(v, _state(model)[k]) for k, v in before.items())
+
+    assert fn.evaluate_along(fn.anchor + 1.0, w, [0.5]) is None  # not this behaviour's anchor
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # someone changed the model since: restoring would undo it
+    assert fn.evaluate_along(fn.anchor, w, [0.5]) is None
+    assert torch.equal(model[0].bias, before["0.bias"] + 1.0)
+    model.train()
+    with torch.no_grad():
+        model[0].bias.sub_(1.0)
+    with pytest.raises(RuntimeError, match="training mode"):
+        fn.evaluate_along(fn.anchor, w, [0.5])
