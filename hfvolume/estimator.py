@@ -213,7 +213,7 @@ def estimate_log_volume(
     dtype = perturbation_dtype(anchor.dtype)
     theta0 = anchor.detach().to(dtype)
     if coordinates is None:
-        anchor_norm = float(torch.linalg.vector_norm(theta0, dtype=torch.float64))
+        anchor_norm = math.sqrt(sum_squares_f64(theta0))  # chunked: no D-sized float64 copy
     else:
         anchor_norm = math.sqrt(float(global_sums(coordinates, np.array([sum_squares_f64(theta0)]))[0]))
     default_start = DEFAULT_START_FRACTION * (anchor_norm if anchor_norm > 0 else math.sqrt(n_params))

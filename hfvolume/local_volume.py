@@ -168,6 +168,11 @@ def resolve_preconditioner(
     raise TypeError(f"preconditioner must be None, a name, a mapping or a tensor, got {type(preconditioner).__name__}")
 
 
+def _row_itemsize(view: ParameterView) -> int:
+    """Bytes per coordinate of the estimator's [D] rows (float64 for float64 models, float32 otherwise)."""
+    return 8 if view.dtype == torch.float64 else 4
+
+
 def _check_precision(view: ParameterView, result: VolumeResult, anchor: torch.Tensor) -> None:
     resolution = smallest_relative_step(view)
     if resolution <= torch.finfo(torch.float32).eps:
@@ -283,9 +288,16 @@ def estimate_local_volume(
     # Every rank computes the same result: its warnings are rank 0's, so only rank 0 logs them.
     quiet_ranks = main_process_logging() if sharding is not None or fsdp else contextlib.nullcontext()
     with quiet_ranks, preserved_state(model):
+        # When one direction's [D] buffers alone fill the lockstep budget, every pass carries one row: vmap then
+        # only adds its own copies of the weights, while the per-row loop evaluates in place (no points buffer;
+        # measured on all-MiniLM-L6-v2, 1 thread: 0.040 s per row against 0.070 s through vmap).
+        # The choice depends on the model's size only, never on directions_per_batch: the path decides the bits
+        # of each row's values, and those must not depend on how directions are batched.
+        one_row = 2 * view.n_params * _row_itemsize(view) > DEFAULT_BATCH_BYTES
+        extra_kw = {} if fsdp else {"use_vmap": not one_row}
         fn = (ShardedModelBehavior if fsdp else ModelBehavior)(
             model, data, view, behavior=behavior, max_batches=max_batches, max_examples=max_examples,
-            anchor_cache=anchor_cache, collate_fn=collate_fn, batch_size=batch_size,
+            anchor_cache=anchor_cache, collate_fn=collate_fn, batch_size=batch_size, **extra_kw,
         )
         # The behaviour's own copy of θ0 (already in the perturbation dtype): a second D-sized copy would only
         # cost memory, and its in-place path recognises its anchor.
@@ -303,7 +315,7 @@ def estimate_local_volume(
             # vmapped pass (the behaviour's per-row estimate; 0 on the loop path, which runs one row at a time).
             # Bounding K by both keeps the whole working set under DEFAULT_BATCH_BYTES (or one direction), for
             # any n_directions.
-            row_bytes = 2 * view.n_params * (8 if anchor.dtype == torch.float64 else 4)
+            row_bytes = 2 * view.n_params * _row_itemsize(view)
             if fn.path == "vmap":
                 row_bytes += int(fn.describe()["row_bytes_estimate"])
             directions_per_batch = int(max(1, min(MAX_DIRECTIONS_PER_BATCH, DEFAULT_BATCH_BYTES // max(row_bytes, 1))))

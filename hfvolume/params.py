@@ -26,14 +26,22 @@ ParamSelector = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 _SELECTION_STRINGS = ("trainable", "all")
 
 
+_RMS_CHUNK = 1 << 18
+
+
 def rms(flat: torch.Tensor) -> float:
     """Root mean square sqrt(mean(x²)) of a tensor's entries, accumulated in float64 (same units as ``flat``)."""
     if not isinstance(flat, torch.Tensor):
         raise TypeError(f"rms expects a tensor, got {type(flat).__name__}")
     if flat.numel() == 0:
         raise ValueError("rms of an empty tensor is undefined")
-    x = flat.detach().to(torch.float64)
-    return float(torch.sqrt(torch.mean(x * x)))
+    # In float64 chunks: a whole-vector float64 copy would cost twice a float32 model's size at peak.
+    x = flat.detach().reshape(-1)
+    total = 0.0
+    for start in range(0, x.numel(), _RMS_CHUNK):
+        c = x[start : start + _RMS_CHUNK].to(torch.float64)
+        total += float(torch.dot(c, c))
+    return math.sqrt(total / x.numel())
 
 
 def _widest_float(dtypes: Iterable[torch.dtype]) -> torch.dtype:

@@ -6,7 +6,6 @@ process. This file is also the worker the launched processes run (``python tests
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -247,7 +246,7 @@ def test_fsdp2_two_processes_equal_the_unsharded_model(tmp_path):
         model, data = tiny_lm()
         single_vmap = lv.estimate_local_volume(model, data, **KWARGS).to_dict()
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(lv, "ModelBehavior", functools.partial(ModelBehavior, use_vmap=False))
+            mp.setattr(lv, "ModelBehavior", lambda *a, **k: ModelBehavior(*a, **{**k, "use_vmap": False}))
             single = lv.estimate_local_volume(model, data, **KWARGS).to_dict()
             base, sigma = _base_and_sigma()
             single_prior = lv.estimate_local_volume(model, data, prior_mean=base, sigma=sigma, **KWARGS).to_dict()
