@@ -511,6 +511,7 @@ class ModelBehavior:
         self.forward_passes = 0
         self.model_calls = 0
         self._path = "vmap" if use_vmap else "loop"
+        self._inplace_versions: tuple[int, ...] | None = None  # see evaluate_along
         self._vmap_error: str | None = None
         self.anchor = self.view.flatten(model, dtype=self._row_dtype)
         self._setup_anchor(anchor_cache, cache_bytes_limit, host_cache_bytes_limit)
@@ -876,7 +877,11 @@ class ModelBehavior:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         targets = [(params[name], sl) for name, sl in zip(self.view.names, self.view.tensor_slices().values())]
         with torch.no_grad():
-            if not all(torch.equal(p.detach(), self.anchor[sl].view(p.shape).to(p.dtype)) for p, sl in targets):
+            # Every in-place change of a parameter bumps its version counter: unchanged counters since our last
+            # restore mean the parameters still hold the anchor, and the O(D) comparison can be skipped.
+            if tuple(p._version for p, _ in targets) != self._inplace_versions and not all(
+                torch.equal(p, self.anchor[sl].view(p.shape).to(p.dtype)) for p, sl in targets
+            ):
                 return None
             acc = torch.zeros(directions.shape[0], dtype=torch.float64, device=self.device)
             try:
@@ -885,16 +890,17 @@ class ModelBehavior:
                     for p, sl in targets:
                         base, step = self.anchor[sl].view(p.shape), w[sl].view(p.shape)
                         if p.dtype == base.dtype:
-                            torch.add(base, step, alpha=t, out=p.data)
+                            torch.add(base, step, alpha=t, out=p)
                         else:  # bf16/fp16 parameters: the point is formed in the row dtype, then cast
-                            p.data.copy_(torch.add(base, step, alpha=t))
+                            p.copy_(torch.add(base, step, alpha=t))
                     for b in self._batches:
                         if self._kind in ("kl", "output") and b.n_scored == 0:
                             continue
                         acc[k] += self._batch_values_inplace(b)
             finally:
                 for p, sl in targets:
-                    p.data.copy_(self.anchor[sl].view(p.shape))
+                    p.copy_(self.anchor[sl].view(p.shape))
+                self._inplace_versions = tuple(p._version for p, _ in targets)
             denom = self.n_scored if self._kind in ("kl", "output") else self.n_examples
             return (acc / denom).cpu()
 
