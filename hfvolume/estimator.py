@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hfvolume.numerics import all_finite
 from hfvolume.priors import GaussianPrior, UniformPrior, resolve_prior
 from hfvolume.proposals import Proposal, normalize_log_scales, sum_squares_f64
 from hfvolume.radius import RADIUS_METHODS, RadiusMethod, search_radii
@@ -185,7 +186,7 @@ def estimate_log_volume(
         raise ValueError(f"anchor must be a non-empty 1-D tensor [D], got shape {tuple(anchor.shape)}")
     if not anchor.is_floating_point():
         raise TypeError(f"anchor must be a floating-point tensor, got {anchor.dtype}")
-    if not torch.isfinite(anchor).all():
+    if not all_finite(anchor):
         raise ValueError("anchor has non-finite entries")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")

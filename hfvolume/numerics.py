@@ -35,8 +35,19 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+_FINITE_CHUNK = 1 << 20
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """``torch.isfinite(x).all()`` a chunk at a time: on CPU, isfinite builds |x| and two masks, about 1.5× the
+    size of x at once (130 MB for a 22.7M-parameter float32 vector)."""
+    flat = x.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+
+
 __all__ = [
     "RayIntegralError",
+    "all_finite",
     "log_unit_ball_volume",
     "log_sphere_area",
     "log1mexp",

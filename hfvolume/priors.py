@@ -17,7 +17,7 @@ from typing import Any, Protocol, Union
 import numpy as np
 import torch
 
-from hfvolume.numerics import log_ray_integral, log_sphere_area, log_unit_ball_volume, saturation_radius
+from hfvolume.numerics import all_finite, log_ray_integral, log_sphere_area, log_unit_ball_volume, saturation_radius
 from hfvolume.proposals import sum_squares_f64
 from hfvolume.results import DirectionFlag
 from hfvolume.sharding import CoordinateShard, global_sums
@@ -102,7 +102,7 @@ class GaussianPrior:
             if not (math.isfinite(sigma) and sigma > 0):
                 raise ValueError(f"sigma must be positive and finite; sigma = {sigma!r}")
         mean = None if self.mean is None else _as_vector(self.mean, n, "mean")
-        if mean is not None and not torch.isfinite(mean).all():
+        if mean is not None and not all_finite(mean):
             raise ValueError("prior mean has non-finite entries")
         return ResolvedGaussianPrior(theta0=theta0, sigma=sigma, mean=mean, coordinates=coordinates)
 
