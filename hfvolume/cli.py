@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,17 @@ class EstimateArguments:
     sigma: Optional[float] = field(default=None, metadata={"help": "Gaussian prior σ (default: RMS of the weights)"})
     preconditioner: Optional[str] = field(
         default=None, metadata={"help": "proposal: none, adam (needs a checkpoint dir with optimizer.pt) or fisher"}
+    )
+    adam_exponent: Optional[float] = field(
+        default=None, metadata={"help": "γ of the Adam proposal p = 1/(ν̂^γ + η) (default 0.5)"}
+    )
+    adam_eps_relative: Optional[float] = field(
+        default=None, metadata={"help": "η of the Adam proposal as a multiple of median(ν̂^γ) (default 1)"}
+    )
+    trainable: Optional[str] = field(
+        default=None,
+        metadata={"help": "regular expression of the parameter names that were trained (the rest were frozen); "
+                          "they are the ones measured, and a checkpoint's optimizer groups are mapped onto them"},
     )
     mixture: float = field(default=0.0, metadata={"help": "defensive mixture fraction of isotropic directions"})
     seed: int = field(default=0, metadata={"help": "direction seed"})
@@ -159,12 +171,36 @@ def run_estimate(args: EstimateArguments) -> tuple[VolumeResult, dict[str, Any]]
         info["model"] = {"path": args.model, "task": task, "n_examples": len(texts)}
         if preconditioner in ("adam", "adam-m"):
             optimizer = args.model  # a checkpoint directory holding optimizer.pt
+    if args.trainable is not None:
+        _set_trainable(model, args.trainable)
+    options: dict[str, Any] = {}
+    if args.adam_exponent is not None:
+        options["exponent"] = args.adam_exponent
+    if args.adam_eps_relative is not None:
+        from hfvolume.optim_state import RelativeEps
+
+        options["eps"] = RelativeEps(args.adam_eps_relative)
+    if options and preconditioner not in ("adam", "adam-m"):
+        raise ValueError("--adam_exponent / --adam_eps_relative need --preconditioner adam (or adam-m)")
     result = estimate_local_volume(
         model, data, behavior=behavior, cutoff=args.cutoff, prior=args.prior, sigma=args.sigma,
         n_directions=args.n_directions, preconditioner=preconditioner, optimizer=optimizer, mixture=args.mixture,
-        seed=args.seed, rtol=args.rtol, progress=args.progress,
+        seed=args.seed, rtol=args.rtol, progress=args.progress, preconditioner_options=options or None,
     )
     return result, info
+
+
+def _set_trainable(model: nn.Module, pattern: str) -> None:
+    """``requires_grad`` = the name matches ``pattern`` (re.search), as during the run that froze the others."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"--trainable {pattern!r} is not a valid regular expression: {err}") from None
+    names = [n for n, _ in model.named_parameters()]
+    if not any(regex.search(n) for n in names):
+        raise ValueError(f"--trainable {pattern!r} matches no parameter name (e.g. {names[:3]})")
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(regex.search(name)))
 
 
 def format_summary(result: VolumeResult) -> str:

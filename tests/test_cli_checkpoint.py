@@ -27,6 +27,16 @@ def _reset_accelerate() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny GPT-NeoX + word-level tokenizer trained by a real ``transformers.Trainer`` for 3 AdamW steps."""
+    return _train(tmp_path_factory.mktemp("cli_checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def frozen_checkpoint(tmp_path_factory):
+    """The same run with the input embedding frozen (not in the optimizer's groups)."""
+    return _train(tmp_path_factory.mktemp("cli_frozen"), frozen="gpt_neox.embed_in")
+
+
+def _train(root, frozen: str | None = None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         GPTNeoXConfig,
@@ -38,7 +48,6 @@ def checkpoint(tmp_path_factory):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    root = tmp_path_factory.mktemp("cli_checkpoint")
     vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -48,6 +57,8 @@ def checkpoint(tmp_path_factory):
         model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1,
                                                  num_attention_heads=4, intermediate_size=64,
                                                  max_position_embeddings=32))
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen is None or not name.startswith(frozen))
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(2, 2 + len(WORDS), (16, 8), generator=g)
         train = [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": ids[i]}
@@ -116,3 +127,28 @@ def test_cli_adam_without_optimizer_file_is_a_clear_error(checkpoint, tmp_path, 
                "adam", "--output", str(tmp_path / "out"), "--progress", "false"])
     assert rc == 1
     assert "no optimizer.pt" in capsys.readouterr().err
+
+
+def test_cli_adam_settings_and_frozen_parameters(frozen_checkpoint, tmp_path, capsys):
+    trainer, _, path, texts = frozen_checkpoint
+    common = ["estimate", "--model", str(path), "--data", str(texts), "--n_directions", "2", "--batch_size", "2",
+              "--preconditioner", "adam", "--progress", "false"]
+    # Reloaded, every parameter is trainable: the optimizer's groups do not fit them.
+    assert main([*common, "--output", str(tmp_path / "a")]) == 1
+    assert "group" in capsys.readouterr().err
+    out = tmp_path / "b"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main([*common, "--trainable", "^(?!gpt_neox\\.embed_in)", "--adam_exponent", "0.25",
+                   "--adam_eps_relative", "0.3", "--output", str(out)])
+    assert rc == 0
+    result = VolumeResult.from_dict(json.loads((out / "result.json").read_text())["result"])
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert result.n_params == trained < sum(p.numel() for p in trainer.model.parameters())
+    proposal = result.settings["proposal"]
+    assert proposal["exponent"] == 0.25 and proposal["eps_relative"] == 0.3 and proposal["n_fallback_tensors"] == 0
+    assert main([*common[:-4], "--adam_exponent", "0.25", "--output", str(tmp_path / "c"), "--progress",
+                 "false"]) == 1
+    assert "need --preconditioner adam" in capsys.readouterr().err
+    assert main([*common, "--trainable", "nomatch", "--output", str(tmp_path / "d")]) == 1
+    assert "matches no parameter" in capsys.readouterr().err
