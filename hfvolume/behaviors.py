@@ -512,6 +512,7 @@ class ModelBehavior:
         self.model_calls = 0
         self._path = "vmap" if use_vmap else "loop"
         self._inplace_versions: tuple[int, ...] | None = None  # see evaluate_along
+        self._inplace_targets: list[tuple[torch.Tensor, slice]] | None = None
         self._vmap_error: str | None = None
         self.anchor = self.view.flatten(model, dtype=self._row_dtype)
         self._setup_anchor(anchor_cache, cache_bytes_limit, host_cache_bytes_limit)
@@ -874,8 +875,10 @@ class ModelBehavior:
             theta0.data_ptr() == self.anchor.data_ptr() or torch.equal(theta0, self.anchor)
         ):
             return None
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        targets = [(params[name], sl) for name, sl in zip(self.view.names, self.view.tensor_slices().values())]
+        if self._inplace_targets is None:  # evaluate_along runs once per evaluated point: build this once
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+            self._inplace_targets = [(params[n], sl) for n, sl in zip(self.view.names, self.view.tensor_slices().values())]
+        targets = self._inplace_targets
         with torch.no_grad():
             # Every in-place change of a parameter bumps its version counter: unchanged counters since our last
             # restore mean the parameters still hold the anchor, and the O(D) comparison can be skipped.
@@ -896,17 +899,13 @@ class ModelBehavior:
                     for b in self._batches:
                         if self._kind in ("kl", "output") and b.n_scored == 0:
                             continue
-                        acc[k] += self._batch_values_inplace(b)
+                        acc[k] += self._batch_values(None, b, self._anchor_for(b))[0]
             finally:
                 for p, sl in targets:
                     p.copy_(self.anchor[sl].view(p.shape))
                 self._inplace_versions = tuple(p._version for p, _ in targets)
             denom = self.n_scored if self._kind in ("kl", "output") else self.n_examples
             return (acc / denom).cpu()
-
-    def _batch_values_inplace(self, batch: _Batch) -> torch.Tensor:
-        """One batch's contribution at the parameters the model holds now (see :meth:`evaluate_along`)."""
-        return self._batch_values(None, batch, self._anchor_for(batch))[0]
 
     def __call__(self, thetas: torch.Tensor) -> torch.Tensor:
         """Behaviour values of parameter rows.

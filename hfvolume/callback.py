@@ -55,7 +55,7 @@ FAILED_KEY = "eval_volume_failed"
 SERIES_FILE = "hfvolume/series.json"
 INITIAL_PARAMETERS_FILE = "hfvolume/initial_parameters.safetensors"
 
-_EVAL_LOG = re.compile(r"^(eval(?:_.+)?)_runtime$")  # Trainer.evaluate logs f"{metric_key_prefix}_runtime"
+_EVAL_LOG = re.compile(r"^eval(?:_.+)?_runtime$")  # Trainer.evaluate logs f"{metric_key_prefix}_runtime"
 _PRECONDITIONERS = ("auto", "none", "adam", "adam-m", "fisher")
 _SIGMAS = ("initial-rms", "rms")
 
@@ -285,7 +285,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
 
     # --------------------------------------------------------------------------------------------- measuring
     def _is_volume_eval_log(self, logs: Mapping[str, Any]) -> bool:
-        prefixes = [m.group(1) for m in map(_EVAL_LOG.match, _runtime_keys(logs)) if m]
+        prefixes = [key[: -len("_runtime")] for key in _runtime_keys(logs)]
         if not prefixes:
             return False
         wanted = self.config.volume_eval_dataset
@@ -323,43 +323,35 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         cfg = self.config
         batches = self._eval_batches(model, eval_dataloader)
         # Measured before training started (trainer.evaluate() first): the current weights are the initial ones.
-        if cfg.prior == "gaussian" and cfg.sigma == "initial-rms" and self.sigma is None:
-            self.sigma = rms(ParameterView.from_model(model).flatten(model))
-        if cfg.prior_mean == "initial" and self._initial is None:
-            self._initial = ParameterView.from_model(model).flatten(model).detach().cpu().clone()
-        preconditioner, options, mixture = self._proposal(optimizer)
-        sigma: Any = None
-        if cfg.prior == "gaussian":
-            sigma = "rms" if cfg.sigma == "rms" else self.sigma
-        n_directions = self._budget_directions()
+        need_sigma = cfg.prior == "gaussian" and cfg.sigma == "initial-rms" and self.sigma is None
+        if need_sigma or (cfg.prior_mean == "initial" and self._initial is None):
+            theta = ParameterView.from_model(model).flatten(model)
+            if need_sigma:
+                self.sigma = rms(theta)
+            if cfg.prior_mean == "initial" and self._initial is None:
+                self._initial = theta.detach().cpu()
+        preconditioner, mixture = self._proposal(optimizer)
         progress = bool(state.is_local_process_zero and not getattr(args, "disable_tqdm", False))
         with _once_per_run(self._warned):
-            result = self._estimate(model, batches, preconditioner, options, mixture, sigma, n_directions,
-                                    optimizer, progress)
+            result = estimate_local_volume(
+                model,
+                batches,
+                behavior=cfg.behavior,
+                cutoff=cfg.cutoff,
+                prior=cfg.prior,
+                sigma=None if cfg.prior != "gaussian" else "rms" if cfg.sigma == "rms" else self.sigma,
+                prior_mean=self._initial if cfg.prior_mean == "initial" else None,
+                n_directions=self._budget_directions(),
+                preconditioner=preconditioner,
+                optimizer=optimizer if preconditioner in ("adam", "adam-m") else None,
+                mixture=mixture,
+                seed=cfg.direction_seed,
+                rtol=cfg.rtol,
+                progress=progress,
+            )
         if result.n_directions:
             self._seconds_per_direction = result.wall_time_s / result.n_directions
         return result
-
-    def _estimate(self, model, batches, preconditioner, options, mixture, sigma, n_directions, optimizer,
-                  progress) -> VolumeResult:
-        cfg = self.config
-        return estimate_local_volume(
-            model,
-            batches,
-            behavior=cfg.behavior,
-            cutoff=cfg.cutoff,
-            prior=cfg.prior,
-            sigma=sigma if cfg.prior == "gaussian" else None,
-            prior_mean=self._initial if cfg.prior_mean == "initial" else None,
-            n_directions=n_directions,
-            preconditioner=preconditioner,
-            optimizer=optimizer if preconditioner in ("adam", "adam-m") else None,
-            mixture=mixture,
-            seed=cfg.direction_seed,
-            rtol=cfg.rtol,
-            progress=progress,
-            preconditioner_options=options,
-        )
 
     def _budget_directions(self) -> int:
         cfg = self.config
@@ -368,19 +360,20 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         affordable = int(cfg.max_seconds / max(self._seconds_per_direction, 1e-9))
         return max(min(cfg.n_directions, affordable), min(cfg.n_directions, MIN_BUDGET_DIRECTIONS))
 
-    def _proposal(self, optimizer: Any) -> tuple[str | None, dict[str, Any] | None, float]:
+    def _proposal(self, optimizer: Any) -> tuple[str | None, float]:
+        """(preconditioner, mixture) for this measurement."""
         choice = self.config.preconditioner
         if choice == "none":
-            return None, None, self.config.mixture
+            return None, self.config.mixture
         if choice == "auto":
             # The default chosen by benchmarks/bench_proposals.py (README, "Importance sampling"): Adam's second
             # moment with γ = 0.5 and η at the median, defended by a 25% isotropic mixture; isotropic without state.
             if optimizer is not None and has_adam_state(optimizer):
-                return "adam", None, max(self.config.mixture, AUTO_MIXTURE)
-            return None, None, self.config.mixture
+                return "adam", max(self.config.mixture, AUTO_MIXTURE)
+            return None, self.config.mixture
         if choice in ("adam", "adam-m") and optimizer is None:
             raise ValueError(f"preconditioner={choice!r} needs the Trainer's optimizer, which is not available here")
-        return choice, None, self.config.mixture
+        return choice, self.config.mixture
 
     def _eval_batches(self, model: torch.nn.Module, eval_dataloader: Any) -> list[Any]:
         """The measurement's batches, taken once from the Trainer's eval data and reused at every step."""

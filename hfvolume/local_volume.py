@@ -293,7 +293,8 @@ def estimate_local_volume(
         # measured on all-MiniLM-L6-v2, 1 thread: 0.040 s per row against 0.070 s through vmap).
         # The choice depends on the model's size only, never on directions_per_batch: the path decides the bits
         # of each row's values, and those must not depend on how directions are batched.
-        one_row = 2 * view.n_params * _row_itemsize(view) > DEFAULT_BATCH_BYTES
+        direction_bytes = 2 * view.n_params * _row_itemsize(view)  # its [D] direction and perturbed point
+        one_row = direction_bytes > DEFAULT_BATCH_BYTES
         extra_kw = {} if fsdp else {"use_vmap": not one_row}
         fn = (ShardedModelBehavior if fsdp else ModelBehavior)(
             model, data, view, behavior=behavior, max_batches=max_batches, max_examples=max_examples,
@@ -315,7 +316,7 @@ def estimate_local_volume(
             # vmapped pass (the behaviour's per-row estimate; 0 on the loop path, which runs one row at a time).
             # Bounding K by both keeps the whole working set under DEFAULT_BATCH_BYTES (or one direction), for
             # any n_directions.
-            row_bytes = 2 * view.n_params * _row_itemsize(view)
+            row_bytes = direction_bytes
             if fn.path == "vmap":
                 row_bytes += int(fn.describe()["row_bytes_estimate"])
             directions_per_batch = int(max(1, min(MAX_DIRECTIONS_PER_BATCH, DEFAULT_BATCH_BYTES // max(row_bytes, 1))))

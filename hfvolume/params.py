@@ -21,12 +21,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
+from hfvolume.proposals import sum_squares_f64
+
 ParamSelector = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 
 _SELECTION_STRINGS = ("trainable", "all")
-
-
-_RMS_CHUNK = 1 << 18
 
 
 def rms(flat: torch.Tensor) -> float:
@@ -37,11 +36,7 @@ def rms(flat: torch.Tensor) -> float:
         raise ValueError("rms of an empty tensor is undefined")
     # In float64 chunks: a whole-vector float64 copy would cost twice a float32 model's size at peak.
     x = flat.detach().reshape(-1)
-    total = 0.0
-    for start in range(0, x.numel(), _RMS_CHUNK):
-        c = x[start : start + _RMS_CHUNK].to(torch.float64)
-        total += float(torch.dot(c, c))
-    return math.sqrt(total / x.numel())
+    return math.sqrt(sum_squares_f64(x) / x.numel())
 
 
 def _widest_float(dtypes: Iterable[torch.dtype]) -> torch.dtype:
