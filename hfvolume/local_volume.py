@@ -31,11 +31,13 @@ SigmaSpec = Union[None, str, float, Mapping[str, float], torch.Tensor]
 PriorMeanSpec = Union[None, Mapping[str, torch.Tensor], nn.Module, torch.Tensor]
 PreconditionerSpec = Union[None, str, Mapping[str, Any], torch.Tensor]
 # Lockstep width K: the two [K, D] buffers (directions, perturbed points) plus K rows of vmapped activations stay
-# under 16 MiB, K ≤ 32. Measured on CPU: tiny models gain from wide passes (digits MLP, one thread: 578 / 678 /
-# 644 / 640 dirs/s at K = 16 / 32 / 48 / 64), larger ones do not (GPT-NeoX 2.3M: 14.3 dirs/s at K = 2, 11.6 at
-# K = 32), and the buffers are most of the extra memory.
-DEFAULT_BATCH_BYTES = 16 * 2**20
-MAX_DIRECTIONS_PER_BATCH = 32
+# under working_memory (default 32 MiB), K ≤ 64. Measured on CPU (digits MLP, 64 directions, after the pilot
+# directions the other 60 in one lockstep batch or two): 801 / 884 / 1042 dirs/s at K = 16 / 32 / 64 with one
+# thread, 955 / 1057 / 1184 with two. Models whose single direction needs more than half of the budget are
+# evaluated one direction at a time in place: a vmapped pass of one row only adds copies (tiny GPT-NeoX, 1.3M
+# parameters: 7.2 dirs/s in place against 5.9 through vmap).
+DEFAULT_BATCH_BYTES = 32 * 2**20
+MAX_DIRECTIONS_PER_BATCH = 64
 
 
 @contextlib.contextmanager
@@ -209,6 +211,7 @@ def estimate_local_volume(
     rtol: float = 1e-2,
     radius_method: str = "secant",
     directions_per_batch: int | None = None,
+    working_memory: int = DEFAULT_BATCH_BYTES,
     max_batches: int | None = None,
     max_examples: int | None = None,
     collate_fn: Callable[..., Any] | None = None,
@@ -243,8 +246,14 @@ def estimate_local_volume(
         params: "trainable" (default: parameters with ``requires_grad``), "all", a list of names, or a predicate.
         seed: direction i depends only on (seed, i).
         rtol: radius tolerance, relative to the cutoff.
-        directions_per_batch: rays searched in lockstep; None chooses from the parameter count (the [K, D]
-            perturbed rows stay under 16 MiB, at most 32 directions).
+        directions_per_batch: rays searched in lockstep; None chooses from ``working_memory`` (at most 32).
+        working_memory: bytes of scratch for evaluating directions together (default 32 MiB): their ``[K, D]``
+            directions and perturbed points and K rows of vmapped activations. When two directions' shares do
+            not fit, directions are evaluated one at a time, written into the model's parameters in place
+            (restored bit for bit from the anchor copy). 0 gives the least memory — the anchor copy and one
+            direction, 2 × the measured parameters' bytes, plus the anchor cache — at a speed cost on small
+            models (see benchmarks/bench_models.py). Changes which code path computes Δ, so results can
+            differ in the last bits between settings.
         anchor_cache: where the anchor's outputs are kept: "auto", "device", "cpu" or "recompute".
         progress: show a progress bar (on rank 0 only in a multi-process run).
         distributed: None (default): inside an initialised Accelerate / torch.distributed group of N > 1
@@ -263,6 +272,12 @@ def estimate_local_volume(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(working_memory, bool) or not isinstance(working_memory, int) or working_memory < 0:
+        raise ValueError(f"working_memory must be a non-negative int (bytes), got {working_memory!r}")
+    if directions_per_batch is not None and (
+        isinstance(directions_per_batch, bool) or not isinstance(directions_per_batch, int) or directions_per_batch < 1
+    ):
+        raise ValueError(f"directions_per_batch must be a positive int or None, got {directions_per_batch!r}")
     if isinstance(prior, GaussianPrior) and (sigma is not None or prior_mean is not None):
         raise ValueError("pass sigma/prior_mean either inside GaussianPrior(...) or as arguments, not both")
     fsdp = bool(fsdp_modules(model))
@@ -288,14 +303,17 @@ def estimate_local_volume(
     # Every rank computes the same result: its warnings are rank 0's, so only rank 0 logs them.
     quiet_ranks = main_process_logging() if sharding is not None or fsdp else contextlib.nullcontext()
     with quiet_ranks, preserved_state(model):
-        # When one direction's [D] buffers alone fill the lockstep budget, every pass carries one row: vmap then
-        # only adds its own copies of the weights, while the per-row loop evaluates in place (no points buffer;
-        # measured on all-MiniLM-L6-v2, 1 thread: 0.040 s per row against 0.070 s through vmap).
-        # The choice depends on the model's size only, never on directions_per_batch: the path decides the bits
-        # of each row's values, and those must not depend on how directions are batched.
+        # When one direction's working set (its [D] direction and perturbed point, and its activations) fills the
+        # lockstep budget, every pass carries one row: vmap then only adds its own copies of the weights, while
+        # the per-row loop evaluates in place (no points buffer; measured on all-MiniLM-L6-v2, 1 thread: 0.040 s
+        # per row against 0.070 s through vmap; tiny GPT-NeoX: 7.2 against 5.9 directions/s). The behaviour
+        # decides from the model and data only, never from directions_per_batch: the path decides the bits of
+        # each row's values, and those must not depend on how directions are batched.
         direction_bytes = 2 * view.n_params * _row_itemsize(view)  # its [D] direction and perturbed point
-        one_row = direction_bytes > DEFAULT_BATCH_BYTES
-        extra_kw = {} if fsdp else {"use_vmap": not one_row}
+        # vmap only when at least two directions share a pass.
+        extra_kw = {} if fsdp else {
+            "use_vmap": 2 * direction_bytes <= working_memory, "vmap_row_bytes_limit": working_memory // 2,
+        }
         fn = (ShardedModelBehavior if fsdp else ModelBehavior)(
             model, data, view, behavior=behavior, max_batches=max_batches, max_examples=max_examples,
             anchor_cache=anchor_cache, collate_fn=collate_fn, batch_size=batch_size, **extra_kw,
@@ -314,12 +332,12 @@ def estimate_local_volume(
         if directions_per_batch is None:
             # Per lockstep direction: its [D] direction and perturbed point, plus the activations of its row in a
             # vmapped pass (the behaviour's per-row estimate; 0 on the loop path, which runs one row at a time).
-            # Bounding K by both keeps the whole working set under DEFAULT_BATCH_BYTES (or one direction), for
+            # Bounding K by both keeps the whole working set under working_memory (or one direction), for
             # any n_directions.
             row_bytes = direction_bytes
             if fn.path == "vmap":
                 row_bytes += int(fn.describe()["row_bytes_estimate"])
-            directions_per_batch = int(max(1, min(MAX_DIRECTIONS_PER_BATCH, DEFAULT_BATCH_BYTES // max(row_bytes, 1))))
+            directions_per_batch = int(max(1, min(MAX_DIRECTIONS_PER_BATCH, working_memory // max(row_bytes, 1))))
         result = estimate_log_volume(
             fn,
             anchor,
@@ -335,7 +353,7 @@ def estimate_local_volume(
             radius_method=radius_method,  # type: ignore[arg-type]
             progress=progress,
             proposal_info=proposal_info,
-            extra_settings={"behavior": fn.describe(), "parameters": view.describe()},
+            extra_settings={"behavior": fn.describe(), "parameters": view.describe(), "working_memory": working_memory},
             sharding=sharding,
             coordinates=coordinates,
         )

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-_FINITE_CHUNK = 1 << 20
+_FINITE_CHUNK = 1 << 16
 
 
 def all_finite(x: torch.Tensor) -> bool:

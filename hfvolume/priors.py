@@ -22,7 +22,7 @@ from hfvolume.proposals import sum_squares_f64
 from hfvolume.results import DirectionFlag
 from hfvolume.sharding import CoordinateShard, global_sums
 
-_COEFF_CHUNK = 1 << 18  # coordinates per float64 chunk when forming a and b
+_COEFF_CHUNK = 1 << 16  # coordinates per float64 chunk when forming a and b
 SATURATION_LOG_TOL = -40.0  # stop searching once the prior mass beyond the radius is < e^-40 of the ray's total
 
 

@@ -74,7 +74,7 @@ def local_gaussian_direction(
     return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
 
 
-_NORM_CHUNK = 1 << 18
+_NORM_CHUNK = 1 << 16
 
 
 def sum_squares_f64(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:

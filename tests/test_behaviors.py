@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import random
 import warnings
 import weakref
@@ -327,6 +328,68 @@ def test_batched_sum_equals_per_row_sums():
             batched = terms[:c].reshape(c, -1).sum(dim=1, dtype=torch.float64)
             per_row = torch.stack([terms[i].sum(dtype=torch.float64) for i in range(c)])
             assert torch.equal(batched, per_row), (n, width, c)
+
+
+class _TokenLogits(nn.Module):
+    """Plain-torch "language model": ids [B, T] → logits [B, T, V] (a tensor, no HF output object)."""
+
+    def __init__(self, vocab: int, width: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.tanh(self.emb(input_ids)))
+
+
+@pytest.mark.parametrize("vocab", [50, 40000], ids=["many-positions-per-chunk", "one-position-per-chunk"])
+def test_kl_and_output_in_position_chunks(vocab):
+    # The reduction runs a chunk of scored positions at a time (< 32768 elements per row; one position when a row
+    # is wider): bounded temporaries whatever B·T·V is. Values must still equal the whole-tensor formula, Δ(θ0) be
+    # exactly 0, and rows be bitwise independent of each other across several chunks and a masked gather.
+    model = _TokenLogits(vocab).eval()
+    g = torch.Generator().manual_seed(5)
+    b, t = (40, 50) if vocab == 50 else (2, 3)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, t // 2 :] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    scored = mask.bool()
+    for behavior in ("kl", "output"):
+        fn = ModelBehavior(model, [batch], behavior=behavior)
+        assert len(fn._positions(fn._batches[0])) > 1 and not fn._batches[0].all_scored
+        thetas = _perturb(fn.anchor, 3, 3e-2, seed=6)
+        out = fn(torch.cat([fn.anchor[None], thetas]))
+        assert out[0].item() == 0.0
+        assert torch.equal(out[1:], torch.stack([fn(thetas[i : i + 1])[0] for i in range(3)]))
+        view = ParameterView.from_model(model)
+        with torch.no_grad():
+            ref = model(ids).double()[scored]
+            for k in range(3):
+                cur = torch.func.functional_call(model, view.unflatten(thetas[k]), (ids,)).double()[scored]
+                if behavior == "kl":
+                    lp0, lp1 = torch.log_softmax(ref, -1), torch.log_softmax(cur, -1)
+                    want = float((lp0.exp() * (lp0 - lp1)).sum(-1).mean())
+                else:
+                    want = float((cur - ref).pow(2).sum(-1).mean())
+                # float32 log-probs: each is off by a few rounding units of log-sum-exp (≈ log V + 1 in size).
+                tol = 8 * 2.0**-24 * (math.log(vocab) + 1) if behavior == "kl" else 1e-6 * want
+                assert abs(out[k + 1].item() - want) <= tol, (behavior, k, out[k + 1].item(), want)
+
+
+def test_row_bytes_limit_chooses_the_in_place_loop_before_any_row(make_mlp):
+    # A model whose one-row working set exceeds vmap_row_bytes_limit is evaluated by the per-row loop from the
+    # start, its anchor computed that way (Δ(θ0) = 0 exactly), identical to use_vmap=False.
+    model = make_mlp()
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(2))
+    small = ModelBehavior(model, [(x,)], vmap_row_bytes_limit=1)
+    assert small.path == "loop" and small.directions_per_pass == 1
+    assert "bytes >" in small.describe()["path_reason"] and small.describe()["row_invariance_check"] == "skipped"
+    assert float(small(small.anchor)) == 0.0
+    thetas = _perturb(small.anchor, 4, 1e-2)
+    assert torch.equal(small(thetas), ModelBehavior(model, [(x,)], use_vmap=False)(thetas))
+    roomy = ModelBehavior(model, [(x,)], vmap_row_bytes_limit=2**30)
+    assert roomy.path == "vmap" and roomy.describe()["path_reason"] is None
 
 
 class _NotVmappable(nn.Module):

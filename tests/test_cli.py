@@ -47,10 +47,12 @@ def test_local_model_directory_and_text_file(model_dir, tmp_path):
     path, texts = model_dir
     out = tmp_path / "out"
     rc = main(["estimate", "--model", str(path), "--data", str(texts), "--n_directions", "3", "--batch_size", "2",
-               "--output", str(out), "--progress", "false"])
+               "--output", str(out), "--progress", "false", "--working_memory", "0"])
     assert rc == 0
     data = json.loads((out / "result.json").read_text())
     assert data["run"]["model"]["task"] == "causal-lm" and data["run"]["model"]["n_examples"] == 4
+    settings = data["result"]["settings"]
+    assert settings["working_memory"] == 0 and settings["behavior"]["path"] == "loop"
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

@@ -135,6 +135,22 @@ def test_fisher_preconditioner_runs(make_mlp):
     assert res.settings["proposal"]["name"] == "fisher" and math.isfinite(res.log_volume)
 
 
+def test_working_memory_zero_evaluates_one_direction_at_a_time_in_place(make_mlp):
+    # working_memory=0: no [K, D] buffers and no vmapped activations; each point is written into the weights and
+    # restored from the anchor copy. For this MLP the un-vmapped forward is bitwise the vmapped one (see
+    # test_rows_bitwise_independent_of_batching), so the whole estimate is identical to the default's.
+    model = make_mlp()
+    x = torch.randn(32, 20, generator=torch.Generator().manual_seed(4))
+    before = snapshot(model)
+    lean = quick(model, [(x,)], working_memory=0, n_directions=6)
+    assert_bitwise_same(model, before)
+    default = quick(model, [(x,)], n_directions=6)
+    assert lean.settings["behavior"]["path"] == "loop" and default.settings["behavior"]["path"] == "vmap"
+    assert lean.settings["working_memory"] == 0 and lean.settings["behavior"]["path_reason"] == "use_vmap=False"
+    assert lean.log_estimates == default.log_estimates and lean.radii == default.radii
+    assert lean.forward_passes == default.forward_passes
+
+
 def test_json_round_trip(make_mlp):
     x = torch.randn(8, 20, generator=torch.Generator().manual_seed(4))
     res = quick(make_mlp(), [(x,)])
@@ -158,6 +174,9 @@ def test_loss_and_output_behaviours(make_bert, cls_batch):
         ({"preconditioner": "adam"}, ValueError, "optimizer"),
         ({"params": []}, ValueError, "nothing to measure"),
         ({"sigma": "median"}, ValueError, "sigma"),
+        ({"working_memory": -1}, ValueError, "working_memory"),
+        ({"working_memory": 2.5e7}, ValueError, "working_memory"),
+        ({"directions_per_batch": 0}, ValueError, "directions_per_batch"),
     ],
 )
 def test_bad_input_fails_fast(make_mlp, kwargs, exc, match):
