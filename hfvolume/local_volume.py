@@ -246,7 +246,8 @@ def estimate_local_volume(
         params: "trainable" (default: parameters with ``requires_grad``), "all", a list of names, or a predicate.
         seed: direction i depends only on (seed, i).
         rtol: radius tolerance, relative to the cutoff.
-        directions_per_batch: rays searched in lockstep; None chooses from ``working_memory`` (at most 32).
+        directions_per_batch: rays searched in lockstep; None chooses from ``working_memory`` (at most 64; 1 when
+            directions are evaluated in place, so that one [D] direction is the only buffer beyond the anchor copy).
         working_memory: bytes of scratch for evaluating directions together (default 32 MiB): their ``[K, D]``
             directions and perturbed points and K rows of vmapped activations. When two directions' shares do
             not fit, directions are evaluated one at a time, written into the model's parameters in place
@@ -330,14 +331,16 @@ def estimate_local_volume(
             options=preconditioner_options,
         )
         if directions_per_batch is None:
-            # Per lockstep direction: its [D] direction and perturbed point, plus the activations of its row in a
-            # vmapped pass (the behaviour's per-row estimate; 0 on the loop path, which runs one row at a time).
-            # Bounding K by both keeps the whole working set under working_memory (or one direction), for
-            # any n_directions.
-            row_bytes = direction_bytes
             if fn.path == "vmap":
-                row_bytes += int(fn.describe()["row_bytes_estimate"])
-            directions_per_batch = int(max(1, min(MAX_DIRECTIONS_PER_BATCH, working_memory // max(row_bytes, 1))))
+                # Per lockstep direction: its [D] direction and perturbed point, plus the activations of its row in
+                # a vmapped pass (the behaviour's per-row estimate): the whole working set stays under
+                # working_memory for any n_directions.
+                row_bytes = direction_bytes + int(fn.describe()["row_bytes_estimate"])
+                directions_per_batch = int(max(1, min(MAX_DIRECTIONS_PER_BATCH, working_memory // max(row_bytes, 1))))
+            else:
+                # In place, one direction at a time: its [D] vector is the only D-sized buffer beyond the anchor
+                # copy (more directions in lockstep would only save the per-batch prior arithmetic, ~1 ms).
+                directions_per_batch = 1
         result = estimate_log_volume(
             fn,
             anchor,

@@ -455,7 +455,7 @@ def test_property_saturation_radius(p):
     assert t_sat > t_star
     log_inf = float(nm.log_ray_integral(n, a, b, math.inf))
     # Rigorous concavity certificate at t_sat, and t_sat is not needlessly far out: halfway back from t* the
-    # certificate no longer holds (the bound is decreasing past t*, and t_sat is located to ~1e-12).
+    # certificate no longer holds (the bound is decreasing past t*, and t_sat is located to ~1e-6 relative).
     bound = float(nm.log_ray_tail_bound(n, a, b, t_sat))
     assert bound <= log_inf - 40.0 + 1e-9 + 2 * float(np.spacing(abs(log_inf)))
     half = t_star + 0.5 * (t_sat - t_star)
