@@ -81,7 +81,7 @@ DEFAULT_CACHE_BYTES_LIMIT = 2**30  # anchor cache kept on the model's device
 DEFAULT_HOST_CACHE_BYTES_LIMIT = 8 * 2**30  # anchor cache kept in host memory ("cpu") when the device one is full
 DEFAULT_DATASET_BATCH_SIZE = 8
 IGNORE_INDEX = -100  # the label value Hugging Face losses ignore
-_NARROW_SOFTMAX_WIDTH = 32  # "kl" log-probs of fewer classes use x − logsumexp(x) (faster there, see _reference)
+_NARROW_SOFTMAX_WIDTH = 32  # "kl" log-probs of fewer classes use x − logsumexp(x) (faster there, see _scored)
 _SERIAL_REDUCTION_NUMEL = 32768  # torch's parallel grain size: smaller reductions run serially, for any C
 
 BehaviorSpec = Union[str, Callable[[Any, Any], torch.Tensor]]

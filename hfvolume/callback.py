@@ -29,11 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from hfvolume.local_volume import estimate_local_volume, preserved_state
+from hfvolume.behaviors import materialize_batches
+from hfvolume.distributed import resolve_sharding
+from hfvolume.local_volume import estimate_local_volume
 from hfvolume.optim_state import has_adam_state
 from hfvolume.params import ParameterView, rms
 from hfvolume.results import VolumeResult
@@ -201,7 +204,8 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         self._trainer: Any = None
         self._initial: torch.Tensor | None = None
         self._batches: list[Any] | None = None
-        self._last: tuple[int, dict[str, float]] | None = None  # (global step, logged values) of the last measurement
+        # ((global step, weights' version counters), logged values) of the last measurement
+        self._last: tuple[tuple[int, tuple[int, ...]], dict[str, float]] | None = None
         self._seconds_per_direction: float | None = None
         self._warned: set[str] = set()  # warning templates already shown in this run (see _once_per_run)
 
@@ -245,16 +249,21 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         self._warned = set()
         resumed = state.global_step > 0
         self._restore_series(state)
+        theta: torch.Tensor | None = None  # the measured weights now, flattened once for σ and the prior mean
+        if model is not None and (self.config.sigma == "initial-rms" or self.config.prior_mean == "initial"):
+            theta = ParameterView.from_model(model).flatten(model).detach().cpu()
         if self.config.sigma == "initial-rms" and self.config.prior == "gaussian":
-            if resumed and self.sigma is None:
+            if not resumed:
+                self.sigma = None  # a new run (e.g. hyperparameter_search's next trial): σ of its own weights
+            elif self.sigma is None:
                 self.sigma = self._sigma_from_history(state)
                 if self.sigma is None:
                     logger.warning("hfvolume: resumed run without a recorded prior σ; using the RMS of the current "
                                    "weights, so values are not comparable with those before the checkpoint")
-            if self.sigma is None and model is not None:
-                self.sigma = rms(ParameterView.from_model(model).flatten(model))
-        if self.config.prior_mean == "initial" and model is not None:
-            self._initial = self._initial_parameters(args, state, model, resumed)
+            if self.sigma is None and theta is not None:
+                self.sigma = rms(theta)
+        if self.config.prior_mean == "initial" and theta is not None:
+            self._initial = self._initial_parameters(args, state, theta, resumed)
 
     def on_step_end(self, args, state, control, **kwargs):
         n = self.config.measure_every_n_steps
@@ -292,13 +301,15 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         return wanted is None or f"eval_{wanted}" in prefixes
 
     def _measure_once(self, args, state, kwargs: Mapping[str, Any]) -> dict[str, float] | None:
-        """Measure at this global step (once: a second request at the same step reuses the values)."""
-        if self._last is not None and self._last[0] == state.global_step:
-            return self._last[1]
+        """Measure at this global step (once: a second request at the same step, with the weights unchanged,
+        reuses the values; loading other weights, e.g. load_best_model_at_end, bumps their version counters)."""
         self._ensure_bound()
         model = kwargs.get("model")
         if model is None:
             return None
+        key = (int(state.global_step), tuple(p._version for p in model.parameters()))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         try:
             result = self.measure(args, state, model, optimizer=kwargs.get("optimizer"),
                                   eval_dataloader=kwargs.get("eval_dataloader"))
@@ -314,14 +325,14 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             if self.sigma is not None:
                 values[SIGMA_KEY] = float(self.sigma)
             self._record(state, result, args)
-        self._last = (int(state.global_step), values)
+        self._last = (key, values)
         return values
 
     def measure(self, args, state, model: torch.nn.Module, *, optimizer: Any = None,
                 eval_dataloader: Any = None) -> VolumeResult:
         """One measurement of ``model`` now (what the events call). Raises on failure."""
         cfg = self.config
-        batches = self._eval_batches(model, eval_dataloader)
+        batches = self._eval_batches(eval_dataloader)
         # Measured before training started (trainer.evaluate() first): the current weights are the initial ones.
         need_sigma = cfg.prior == "gaussian" and cfg.sigma == "initial-rms" and self.sigma is None
         if need_sigma or (cfg.prior_mean == "initial" and self._initial is None):
@@ -349,9 +360,19 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
                 rtol=cfg.rtol,
                 progress=progress,
             )
-        if result.n_directions:
-            self._seconds_per_direction = result.wall_time_s / result.n_directions
+        self._note_timing(result)
         return result
+
+    def _note_timing(self, result: VolumeResult) -> None:
+        """Seconds per direction of this measurement, for ``max_seconds``; the slowest rank's in a multi-process
+        run (each rank timed its own share), so that every rank asks for the same n_directions next time (the
+        estimator refuses ranks that disagree)."""
+        if not result.n_directions:
+            return
+        seconds = result.wall_time_s / result.n_directions
+        if int(result.settings.get("world_size", 1)) > 1:
+            seconds = float(resolve_sharding(None).gather(np.array([[seconds]])).max())
+        self._seconds_per_direction = seconds
 
     def _budget_directions(self) -> int:
         cfg = self.config
@@ -375,25 +396,16 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             raise ValueError(f"preconditioner={choice!r} needs the Trainer's optimizer, which is not available here")
         return choice, self.config.mixture
 
-    def _eval_batches(self, model: torch.nn.Module, eval_dataloader: Any) -> list[Any]:
+    def _eval_batches(self, eval_dataloader: Any) -> list[Any]:
         """The measurement's batches, taken once from the Trainer's eval data and reused at every step."""
         if self._batches is not None:
             return self._batches
         loader = self._eval_loader(eval_dataloader)
         if loader is None:
             raise ValueError("no evaluation data: give the Trainer an eval_dataset (the callback measures on it)")
-        limit = self.config.volume_max_batches
-        batches: list[Any] = []
-        # Iterating a DataLoader draws its base seed from the global RNG: do it inside preserved_state.
-        with preserved_state(model):
-            for batch in loader:
-                batches.append(batch)
-                if limit is not None and len(batches) >= limit:
-                    break
-        if not batches:
-            raise ValueError("the evaluation data is empty")
-        self._batches = batches
-        return batches
+        # Iterating a DataLoader draws its base seed from the global RNG: materialize_batches restores it.
+        self._batches = materialize_batches(loader, torch.device("cpu"), max_batches=self.config.volume_max_batches)[0]
+        return self._batches
 
     def _eval_loader(self, eval_dataloader: Any) -> Any:
         trainer = self._trainer
@@ -450,18 +462,18 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
                 return float(entry[SIGMA_KEY])
         return None
 
-    def _initial_parameters(self, args, state, model, resumed: bool) -> torch.Tensor:
+    def _initial_parameters(self, args, state, theta: torch.Tensor, resumed: bool) -> torch.Tensor:
+        """The prior mean: ``theta`` (the weights now, ``[D]``) for a new run, saved for resuming; the saved one
+        on a resumed run."""
         from safetensors.torch import load_file, save_file
 
         path = Path(args.output_dir) / INITIAL_PARAMETERS_FILE
-        view = ParameterView.from_model(model)
         if resumed:
             if self._initial is not None:
                 return self._initial
             if path.is_file():
                 return load_file(str(path))["theta"]
             raise ValueError(f"prior_mean='initial' on a resumed run needs {path} (written when training started)")
-        theta = view.flatten(model).detach().cpu().clone()
         if state.is_world_process_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"theta": theta.contiguous()}, str(path))

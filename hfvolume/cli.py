@@ -146,6 +146,11 @@ def run_estimate(args: EstimateArguments) -> tuple[VolumeResult, dict[str, Any]]
     optimizer = None
     preconditioner: Any = None if args.preconditioner in (None, "none") else args.preconditioner
     behavior = args.behavior
+    # Checked before any loading or training, which can take a while.
+    if (args.adam_exponent is not None or args.adam_eps_relative is not None) and preconditioner not in (
+        "adam", "adam-m"
+    ):
+        raise ValueError("--adam_exponent / --adam_eps_relative need --preconditioner adam (or adam-m)")
     if args.model is None:
         from hfvolume.demo import train_digits_mlp
 
@@ -186,8 +191,6 @@ def run_estimate(args: EstimateArguments) -> tuple[VolumeResult, dict[str, Any]]
         from hfvolume.optim_state import RelativeEps
 
         options["eps"] = RelativeEps(args.adam_eps_relative)
-    if options and preconditioner not in ("adam", "adam-m"):
-        raise ValueError("--adam_exponent / --adam_eps_relative need --preconditioner adam (or adam-m)")
     result = estimate_local_volume(
         model, data, behavior=behavior, cutoff=args.cutoff, prior=args.prior, sigma=args.sigma,
         n_directions=args.n_directions, preconditioner=preconditioner, optimizer=optimizer, mixture=args.mixture,

@@ -205,12 +205,20 @@ def refuse_sharded_parameters(model: torch.nn.Module) -> None:
 
     Each rank holds only a slice of such a parameter, so measuring "the model" on one rank would silently measure
     a shard. FSDP2 models (``fully_shard``) are measured by :mod:`hfvolume.sharded_behavior` and never reach this
-    check; what remains refused is DeepSpeed ZeRO-3 partitions (``ds_id``) and DTensors outside FSDP2 (tensor
-    parallelism). For those, unshard first (a full state dict loaded into an unwrapped copy) and measure that.
+    check; what remains refused is FSDP1 (``FullyShardedDataParallel``), DeepSpeed ZeRO-3 partitions (``ds_id``)
+    and DTensors outside FSDP2 (tensor parallelism). For those, unshard first (a full state dict loaded into an unwrapped copy) and measure that.
     """
     dtensor: type | None = None
     if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.tensor import DTensor as dtensor
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            raise NotImplementedError(
+                "the model is wrapped in FSDP1 (FullyShardedDataParallel): each rank holds flattened shards that "
+                "cannot be measured in place. Use FSDP2 (torch.distributed.fsdp.fully_shard; Accelerate's "
+                "fsdp_version=2), or measure an unsharded copy."
+            )
     for name, p in model.named_parameters():
         kind = ("DTensor outside FSDP2 (tensor parallel)" if dtensor is not None and isinstance(p, dtensor) else
                 "DeepSpeed ZeRO-3 partition" if hasattr(p, "ds_id") else None)

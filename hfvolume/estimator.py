@@ -237,7 +237,7 @@ def estimate_log_volume(
             "max_evaluations": max_evaluations, "initial_radius": t_first, "fn(anchor)": f0, "|anchor|": anchor_norm,
         }
         if coordinates is None:  # sharded scales are local: their sum differs between ranks
-            agree["Σ log² proposal scales"] = 0.0 if log_scales is None else float(log_scales.square().sum())
+            agree["Σ log² proposal scales"] = 0.0 if log_scales is None else sum_squares_f64(log_scales)
         agree["settings checksum"] = zlib.crc32(described.encode())
         hint = "every rank must call with the same model, data and arguments (the data is not split across ranks)"
         if coordinates is None:

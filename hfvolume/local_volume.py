@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from hfvolume.behaviors import ModelBehavior, smallest_relative_step
-from hfvolume.distributed import main_process_logging, refuse_sharded_parameters, resolve_sharding
-from hfvolume.estimator import estimate_log_volume
+from hfvolume.distributed import is_main_process, main_process_logging, refuse_sharded_parameters, resolve_sharding
+from hfvolume.estimator import estimate_log_volume, perturbation_dtype
 from hfvolume.params import ParameterView, rms
 from hfvolume.priors import GaussianPrior, UniformPrior
 from hfvolume.results import VolumeResult
@@ -170,11 +170,6 @@ def resolve_preconditioner(
     raise TypeError(f"preconditioner must be None, a name, a mapping or a tensor, got {type(preconditioner).__name__}")
 
 
-def _row_itemsize(view: ParameterView) -> int:
-    """Bytes per coordinate of the estimator's [D] rows (float64 for float64 models, float32 otherwise)."""
-    return 8 if view.dtype == torch.float64 else 4
-
-
 def _check_precision(view: ParameterView, result: VolumeResult, anchor: torch.Tensor) -> None:
     resolution = smallest_relative_step(view)
     if resolution <= torch.finfo(torch.float32).eps:
@@ -304,14 +299,13 @@ def estimate_local_volume(
     # Every rank computes the same result: its warnings are rank 0's, so only rank 0 logs them.
     quiet_ranks = main_process_logging() if sharding is not None or fsdp else contextlib.nullcontext()
     with quiet_ranks, preserved_state(model):
-        # When one direction's working set (its [D] direction and perturbed point, and its activations) fills the
-        # lockstep budget, every pass carries one row: vmap then only adds its own copies of the weights, while
+        # vmap only when at least two directions' working sets (each its [D] direction and perturbed point, and its
+        # activations) fit in working_memory: a pass of one row only adds vmap's own copies of the weights, while
         # the per-row loop evaluates in place (no points buffer; measured on all-MiniLM-L6-v2, 1 thread: 0.040 s
         # per row against 0.070 s through vmap; tiny GPT-NeoX: 7.2 against 5.9 directions/s). The behaviour
         # decides from the model and data only, never from directions_per_batch: the path decides the bits of
         # each row's values, and those must not depend on how directions are batched.
-        direction_bytes = 2 * view.n_params * _row_itemsize(view)  # its [D] direction and perturbed point
-        # vmap only when at least two directions share a pass.
+        direction_bytes = 2 * view.n_params * perturbation_dtype(view.dtype).itemsize
         extra_kw = {} if fsdp else {
             "use_vmap": 2 * direction_bytes <= working_memory, "vmap_row_bytes_limit": working_memory // 2,
         }
@@ -354,7 +348,8 @@ def estimate_local_volume(
             batch_size=directions_per_batch,
             batched=True,
             radius_method=radius_method,  # type: ignore[arg-type]
-            progress=progress,
+            # FSDP2: every rank evaluates every direction (no split), so the estimator would show a bar on each.
+            progress=progress and (not fsdp or is_main_process()),
             proposal_info=proposal_info,
             extra_settings={"behavior": fn.describe(), "parameters": view.describe(), "working_memory": working_memory},
             sharding=sharding,

@@ -579,14 +579,14 @@ def _saturation_flat(n: np.ndarray, a: np.ndarray, b: np.ndarray, log_tol: float
     # Double hi until φ(hi) ≤ 0, halve lo until φ(lo) > 0; each side moves the other's end along, so the bracket
     # ends up one factor of 2 wide.
     f_hi = phi(hi)
+    f_lo = f_hi.copy()
     for _ in range(2100):
         up = ~(f_hi <= 0)
         if not up.any():
             break
-        lo = np.where(up, hi, lo)
+        lo, f_lo = np.where(up, hi, lo), np.where(up, f_hi, f_lo)
         hi = np.where(up, hi * 2.0, hi)
         f_hi = np.where(up, phi(hi), f_hi)
-    f_lo = phi(lo)
     for _ in range(2100):
         down = ~(f_lo > 0)
         if not down.any():

@@ -111,13 +111,14 @@ def median_positive(moments: Iterable[torch.Tensor], *, max_elements: int = _MED
     Above ``max_elements`` positive entries the median is taken over an even stride through them (deterministic:
     the same tensors give the same value).
     """
-    positive = [t.detach().reshape(-1) for t in moments]
-    positive = [t[t > 0] for t in positive]
-    total = sum(t.numel() for t in positive)
+    flat = [t.detach().reshape(-1) for t in moments]
+    total = sum(int(torch.count_nonzero(t > 0)) for t in flat)
     if total == 0:
         return None
     stride = max(1, math.ceil(total / max_elements))
-    values = torch.cat([t[::stride].to("cpu", torch.float64) for t in positive])
+    # One tensor's positive entries at a time, copied down to the strided sample before the next (never all the
+    # moments' positive entries at once).
+    values = torch.cat([t[t > 0][::stride].to("cpu", torch.float64, copy=True) for t in flat])
     return float(values.median())
 
 

@@ -102,8 +102,12 @@ class GaussianPrior:
             if not (math.isfinite(sigma) and sigma > 0):
                 raise ValueError(f"sigma must be positive and finite; sigma = {sigma!r}")
         mean = None if self.mean is None else _as_vector(self.mean, n, "mean")
-        if mean is not None and not all_finite(mean):
-            raise ValueError("prior mean has non-finite entries")
+        if mean is not None:
+            bad = float(not all_finite(mean))
+            if coordinates is not None:  # raised on every rank together: __post_init__'s sums are collectives
+                bad = float(global_sums(coordinates, np.array([bad]))[0])
+            if bad:
+                raise ValueError("prior mean has non-finite entries")
         return ResolvedGaussianPrior(theta0=theta0, sigma=sigma, mean=mean, coordinates=coordinates)
 
 

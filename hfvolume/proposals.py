@@ -29,6 +29,22 @@ def _block_seed(seed: int, index: int, block: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _block_values(seed: int, index: int, block: int, n_params: int, dtype: torch.dtype,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Block ``block`` of u_index: its ``min(BLOCK, D − block·BLOCK)`` standard normal coordinates."""
+    gen.manual_seed(_block_seed(seed, index, block))
+    return torch.randn(min((block + 1) * BLOCK, n_params) - block * BLOCK, generator=gen, dtype=dtype)
+
+
+def _check_out(out: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=dtype)
+    if out.shape != (n,) or out.dtype != dtype or out.device.type != "cpu":
+        raise ValueError(f"out must be a CPU {dtype} tensor of shape [{n}], got {out.dtype} {tuple(out.shape)} on "
+                         f"{out.device}")
+    return out
+
+
 def gaussian_direction(
     index: int,
     n_params: int,
@@ -49,36 +65,45 @@ def gaussian_direction(
     stop = n_params if stop is None else stop
     if not 0 <= start <= stop <= n_params:
         raise ValueError(f"bad coordinate range [{start}, {stop}) for n_params={n_params}")
-    if out is None:
-        out = torch.empty(stop - start, dtype=dtype)
-    elif out.shape != (stop - start,) or out.dtype != dtype or out.device.type != "cpu":
-        raise ValueError(f"out must be a CPU {dtype} tensor of shape [{stop - start}], got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")
-    first, last = start // BLOCK, (stop - 1) // BLOCK if stop > start else start // BLOCK - 1
+    out = _check_out(out, stop - start, dtype)
     gen = torch.Generator(device="cpu")
-    for block in range(first, last + 1):
-        b0, b1 = block * BLOCK, min((block + 1) * BLOCK, n_params)
-        gen.manual_seed(_block_seed(seed, index, block))
-        values = torch.randn(b1 - b0, generator=gen, dtype=dtype)
-        lo, hi = max(b0, start), min(b1, stop)
+    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1 if stop > start else start // BLOCK):
+        b0 = block * BLOCK
+        values = _block_values(seed, index, block, n_params, dtype, gen)
+        lo, hi = max(b0, start), min(b0 + values.numel(), stop)
         out[lo - start : hi - start] = values[lo - b0 : hi - b0]
     return out
 
 
 def local_gaussian_direction(
-    index: int, coordinates: CoordinateShard, *, seed: int, dtype: torch.dtype = torch.float32
+    index: int, coordinates: CoordinateShard, *, seed: int, dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """This shard's coordinates ``[D_local]`` of u_index ∈ R^D (its ``local_ranges`` one after the other)."""
-    parts = [gaussian_direction(index, coordinates.n_params, seed=seed, dtype=dtype, start=a, stop=b)
-             for a, b in coordinates.local_ranges]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+    """This shard's coordinates ``[D_local]`` of u_index ∈ R^D (its ``local_ranges`` one after the other).
+
+    Each generator block is drawn once even when several local ranges fall in it (an FSDP shard holds one range
+    per parameter tensor, often many per block)."""
+    n = coordinates.n_params
+    out = _check_out(out, local_size(coordinates), dtype)
+    gen = torch.Generator(device="cpu")
+    current: tuple[int, torch.Tensor] | None = None
+    pos = 0
+    for a, b in coordinates.local_ranges:
+        for block in range(a // BLOCK, (b - 1) // BLOCK + 1 if b > a else a // BLOCK):
+            if current is None or current[0] != block:
+                current = (block, _block_values(seed, index, block, n, dtype, gen))
+            b0 = block * BLOCK
+            lo, hi = max(b0, a), min(b0 + current[1].numel(), b)
+            out[pos : pos + hi - lo] = current[1][lo - b0 : hi - b0]
+            pos += hi - lo
+    return out
 
 
 _NORM_CHUNK = 1 << 16
 
 
-def sum_squares_f64(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:
-    """Σ x_i² (or Σ x_i² w_i) accumulated in float64 over cache-sized chunks of a 1-D tensor.
+def sum_squares_f64(x: torch.Tensor) -> float:
+    """Σ x_i² accumulated in float64 over cache-sized chunks of a 1-D tensor.
 
     Direction norms must be accurate to well below 1/D: a unit direction off by a factor (1 + ε) shifts the
     polar-coordinate Jacobian t^{D−1} by e^{Dε}. Upcasting the whole vector would cost a D-sized float64 copy.
@@ -86,10 +111,7 @@ def sum_squares_f64(x: torch.Tensor, weights: torch.Tensor | None = None) -> flo
     total = 0.0
     for start in range(0, x.numel(), _NORM_CHUNK):
         c = x[start : start + _NORM_CHUNK].to(dtype=torch.float64)
-        if weights is None:
-            total += float(torch.dot(c, c))
-        else:
-            total += float(torch.dot(c * c, weights[start : start + _NORM_CHUNK]))
+        total += float(torch.dot(c, c))
     return total
 
 
@@ -193,29 +215,36 @@ class Proposal:
         With ``coordinates`` (a sharded model) the rows are this shard's ``[K, D_local]`` part of the same global
         unit directions (``log_scales`` is then local too); norms are all-reduced, so this is a collective.
         """
-        scales = None if self.log_scales is None else torch.exp(self.log_scales)
-        inv_sq = None if scales is None else scales.pow(-2)
         width = n_params if coordinates is None else local_size(coordinates)
         out = torch.empty(len(indices), width, dtype=dtype)
         log_w = np.zeros(len(indices), dtype=np.float64)
         for k, i in enumerate(indices):
-            row = out[k]
             if coordinates is None:
-                gaussian_direction(int(i), n_params, seed=seed, dtype=dtype, out=row)
+                gaussian_direction(int(i), n_params, seed=seed, dtype=dtype, out=out[k])
             else:
-                row.copy_(local_gaussian_direction(int(i), coordinates, seed=seed, dtype=dtype))
-            if scales is not None and not is_isotropic_draw(int(i), self.mixture):
-                # In float64, a chunk at a time: the same values as the whole-row product, no D-sized float64 copy.
-                for c in range(0, row.numel(), _NORM_CHUNK):
-                    chunk = row[c : c + _NORM_CHUNK]
-                    chunk.copy_(chunk.to(torch.float64) * scales[c : c + _NORM_CHUNK])
-        # Each row's arithmetic is its own (the same as one row at a time); only the sums are batched, so a
-        # sharded run needs one collective per batch for the norms and one for the weights.
+                local_gaussian_direction(int(i), coordinates, seed=seed, dtype=dtype, out=out[k])
+        scaled = [] if self.log_scales is None else [
+            k for k, i in enumerate(indices) if not is_isotropic_draw(int(i), self.mixture)]
+        # p = exp(log p) and later 1/p² a chunk at a time, in float64 (no D-sized float64 vector per batch); the
+        # same values as whole-row products, and each row's arithmetic is its own.
+        for c in range(0, width, _NORM_CHUNK) if scaled else ():
+            p = torch.exp(self.log_scales[c : c + _NORM_CHUNK])  # type: ignore[index]
+            for k in scaled:
+                chunk = out[k, c : c + _NORM_CHUNK]
+                chunk.copy_(chunk.to(torch.float64) * p)
+        # Only the sums are batched, so a sharded run needs one collective per batch for the norms and one for
+        # the weights.
         sq = global_sums(coordinates, np.array([sum_squares_f64(out[k]) for k in range(len(indices))]))
         for k in range(len(indices)):
             out[k].div_(math.sqrt(float(sq[k])))
-        if inv_sq is not None and self.mixture < 1.0:
-            pinv_sq = global_sums(coordinates, np.array([sum_squares_f64(out[k], inv_sq) for k in range(len(indices))]))
+        if self.log_scales is not None and self.mixture < 1.0:
+            pinv_sq = np.zeros(len(indices))
+            for c in range(0, width, _NORM_CHUNK):
+                inv_sq = torch.exp(self.log_scales[c : c + _NORM_CHUNK]).pow(-2)
+                for k in range(len(indices)):
+                    part = out[k, c : c + _NORM_CHUNK].to(torch.float64)
+                    pinv_sq[k] += float(torch.dot(part * part, inv_sq))
+            pinv_sq = global_sums(coordinates, pinv_sq)
             for k in range(len(indices)):
                 # |P⁻¹ w| from the w actually used, so the weight matches the direction that is perturbed along.
                 log_norm_pinv_w = 0.5 * math.log(float(pinv_sq[k]))

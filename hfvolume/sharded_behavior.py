@@ -1,6 +1,6 @@
 """Behaviour of an FSDP2-sharded model: every rank perturbs its own shard of the same global direction.
 
-With ``torch.distributed.fsdp.fully_shard`` (FSDP2, the Accelerate / Trainer default) each measured parameter is a
+With ``torch.distributed.fsdp.fully_shard`` (FSDP2; Accelerate's ``fsdp_version=2``) each measured parameter is a
 DTensor sharded on dim 0 (``torch.chunk`` rows per rank) and no rank holds the whole model. The estimator then runs
 on every rank over *all* directions, each rank holding only its coordinates of θ (``hfvolume.sharding.
 CoordinateShard``); this module supplies the two model-facing pieces:
@@ -21,6 +21,7 @@ preconditioners that need gradients ("fisher").
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from torch import nn
 
 from hfvolume.behaviors import ModelBehavior
 from hfvolume.params import ParameterView
-from hfvolume.sharding import check_coordinates_agree
+from hfvolume.sharding import check_coordinates_agree, local_size
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -114,10 +115,6 @@ class FSDPCoordinates:
         return cls(n_params=view.n_params, local_ranges=tuple(ranges), row_starts=tuple(starts),
                    local_rows=tuple(rows_held), group=mesh.get_group(), device=device)
 
-    @property
-    def n_local(self) -> int:
-        return sum(b - a for a, b in self.local_ranges)
-
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         """Elementwise float64 sum over the mesh's ranks, identical on all of them (collective).
 
@@ -179,6 +176,14 @@ class ShardedParameterView(ParameterView):
         """D_local (the global D is ``coordinates.n_params``)."""
         return sum(self.numels)
 
+    @functools.cached_property
+    def local_layout(self) -> ParameterView:
+        """A plain view with the local shapes, to reuse ParameterView's checks and conversions on the local shards
+        (built once: :meth:`unflatten` runs for every evaluated row)."""
+        return ParameterView(names=self.names, shapes=self.local_shapes, numels=self.numels, offsets=self.offsets,
+                             dtypes=self.dtypes, dtype=self.dtype, device=self.device, aliases=self.aliases,
+                             selection=self.selection)
+
     def flatten(
         self,
         model_or_mapping: nn.Module | Mapping[str, Any] | None = None,
@@ -214,22 +219,15 @@ class ShardedParameterView(ParameterView):
                                      "model: pass full (unsharded) tensors or the model's DTensors")
                 t = t.narrow(0, start, rows)
             local[name] = t
-        return _local_layout(self).flatten(local, dtype=dtype or self.dtype, device=device or self.device)
+        return self.local_layout.flatten(local, dtype=dtype or self.dtype, device=device or self.device)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[D_local]`` or ``[K, D_local]`` → ``{name: view}`` of the local shards' shapes (no copy)."""
-        return _local_layout(self).unflatten(flat)
+        return self.local_layout.unflatten(flat)
 
     def describe(self) -> dict[str, Any]:
         assert self.global_view is not None  # internal: set by from_global
         return self.global_view.describe()
-
-
-def _local_layout(view: ShardedParameterView) -> ParameterView:
-    # A plain view with the local shapes, to reuse ParameterView's checks and conversions on the local shards.
-    return ParameterView(names=view.names, shapes=view.local_shapes, numels=view.numels, offsets=view.offsets,
-                         dtypes=view.dtypes, dtype=view.dtype, device=view.device, aliases=view.aliases,
-                         selection=view.selection)
 
 
 def _checksum(obj: Any, crc: int = 0) -> int:
@@ -268,12 +266,16 @@ class ShardedModelBehavior(ModelBehavior):
             self._saved = [p.to_local().detach().clone() for p in self._sharded]
         try:
             super().__init__(model, data, view, use_vmap=False, pad_chunks=False, directions_per_pass=1, **kwargs)
-            # Only rank 0's values are used (broadcast), so ranks given different data (e.g. a per-rank split of
-            # an eval set) would silently measure rank 0's part: refuse instead.
-            check_coordinates_agree(self._coordinates, {"data checksum": _checksum(self.raw_batches)}, hint=(
-                "every rank must pass the same data to a sharded model (the data is not split across ranks)"))
         finally:
             self._restore()
+
+    def _setup_anchor(self, mode: str, device_limit: int, host_limit: int) -> None:
+        # Only rank 0's values are used (broadcast), so ranks given different data (e.g. a per-rank split of an
+        # eval set) would silently measure rank 0's part: refuse instead — before the anchor's forwards, whose
+        # all-gathers would hang if the ranks held different numbers of batches.
+        check_coordinates_agree(self._coordinates, {"data checksum": _checksum(self.raw_batches)}, hint=(
+            "every rank must pass the same data to a sharded model (the data is not split across ranks)"))
+        super()._setup_anchor(mode, device_limit, host_limit)
 
     def _reshard(self) -> None:
         for m in self._fsdp_modules:
@@ -307,7 +309,7 @@ class ShardedModelBehavior(ModelBehavior):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "n_params": self._coordinates.n_params, "sharding": "fsdp2",
-                "n_local_params": self._coordinates.n_local}
+                "n_local_params": local_size(self._coordinates)}
 
 
 __all__ = ["FSDPCoordinates", "ShardedModelBehavior", "ShardedParameterView", "fsdp_modules", "reshard"]

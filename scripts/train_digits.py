@@ -12,7 +12,6 @@ section. Arguments: the fields of :class:`DigitsRunArguments` and of :class:`hfv
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Optional, Sequence
 
 from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from hfvolume import LocalVolumeCallback, LocalVolumeConfig
+from hfvolume import LocalVolumeCallback, LocalVolumeConfig, volume_series
 from hfvolume.demo import DigitsClassifier, digits_datasets
 
 
@@ -97,7 +96,7 @@ def run(run_args: DigitsRunArguments, volume: LocalVolumeConfig) -> dict:
     out = Path(run_args.output_dir)
     summary = {"train_seconds": seconds, "steps": steps, "output_dir": str(out)}
     if not run_args.no_volume:
-        series = json.loads((out / "hfvolume" / "series.json").read_text())["series"]
+        series = volume_series(out)
         summary["series"] = [{"step": p["step"], "information_content_bits": p["information_content_bits"]}
                              for p in series]
         plot = out / "hfvolume" / "information_content.png"

@@ -16,6 +16,7 @@ import torch
 
 from hfvolume import callback as callback_module
 from hfvolume.callback import FAILED_KEY, LOGGED_KEYS, SIGMA_KEY, LocalVolumeCallback, LocalVolumeConfig
+from hfvolume.params import ParameterView, rms
 
 VOCAB = 64
 
@@ -107,6 +108,15 @@ def test_values_reach_history_trackers_best_metric_and_card(tmp_path):
     # evaluate() after training returns the values (metric_for_best_model reads this dict).
     metrics = trainer.evaluate()
     assert metrics["eval_information_content_bits"] == cb.series[-1]["information_content_bits"]
+    # ... measured on the weights the model holds now, not reused from an earlier measurement at the same step:
+    # load checkpoint-2's weights (what load_best_model_at_end does when step 2 is best) and evaluate again.
+    from safetensors.torch import load_file
+
+    final = metrics["eval_log_volume"]
+    trainer.model.load_state_dict(load_file(str(tmp_path / "checkpoint-2" / "model.safetensors")), strict=False)
+    reloaded = trainer.evaluate()
+    direct = cb.measure(trainer.args, trainer.state, trainer.model, optimizer=trainer.optimizer)
+    assert reloaded["eval_log_volume"] == direct.log_volume != final
 
     # The Trainer's own model card lists the results it parsed from log_history; ours survives its rewrite.
     trainer.create_model_card(model_name="tiny")
@@ -234,6 +244,26 @@ def test_time_budget_reduces_directions(tmp_path):
     assert [p["n_directions"] for p in cb.series] == [16, 8]  # first at full size, then the floor
 
 
+def test_time_budget_agrees_across_ranks(monkeypatch):
+    # Under DDP each rank times only its share of the directions: the budget uses the slowest rank's time, so all
+    # ranks ask for the same n_directions at the next measurement.
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    class TwoRanks:
+        def gather(self, values):
+            return np.concatenate([values, 3.0 * values])  # the other rank was 3× slower
+
+    monkeypatch.setattr(callback_module, "resolve_sharding", lambda distributed: TwoRanks())
+    cb = LocalVolumeCallback(n_directions=32, max_seconds=1.0)
+    cb._note_timing(SimpleNamespace(n_directions=32, wall_time_s=0.8, settings={"world_size": 2}))
+    assert cb._seconds_per_direction == 3.0 * 0.8 / 32
+    assert cb._budget_directions() == 13  # ⌊1.0 / 0.075⌋, not the 40 → 32 this rank's own time allows
+    cb._note_timing(SimpleNamespace(n_directions=32, wall_time_s=0.8, settings={"world_size": 1}))
+    assert cb._seconds_per_direction == 0.8 / 32  # one process: its own time, no collective
+
+
 def test_trainer_push_to_hub_keeps_the_section(tmp_path, hub, monkeypatch):
     """push_to_hub=True (checkpoint pushes during training) and trainer.push_to_hub() at the end, against the
     loopback Hub: the Trainer regenerates README.md before the final upload, and the pushed card still holds
@@ -299,3 +329,15 @@ def test_repeated_diagnostics_are_shown_once_per_run(tmp_path, caplog):
         trainer.train()
     assert len(cb.series) == 3 and all(p["ess"] < 2 for p in cb.series)
     assert sum("effective sample size" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_new_train_call_takes_sigma_from_its_own_starting_weights(tmp_path):
+    # train() from step 0 again (hyperparameter_search's next trial reuses the Trainer and its callbacks): σ is the
+    # RMS of the weights that run starts from, not the previous run's.
+    cb = LocalVolumeCallback(**CFG)
+    trainer = _trainer(tmp_path, [cb], max_steps=2, eval_steps=2)
+    trainer.train()
+    first = cb.sigma
+    expected = rms(ParameterView.from_model(trainer.model).flatten(trainer.model))
+    trainer.train()
+    assert cb.sigma == expected != first

@@ -216,6 +216,21 @@ def test_zero3_partitions_are_refused(make_mlp):
         estimate_local_volume(model, [torch.zeros(2, 20)], n_directions=2, progress=False)
 
 
+def test_fsdp1_models_are_refused(make_mlp):
+    # An FSDP1 wrapper anywhere in the model: its FlatParameter shards would be measured as if they were the model
+    # (constructed without a process group; only its type matters to the check).
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from hfvolume import estimate_local_volume
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(wrapper)
+    model = make_mlp()
+    model.add_module("wrapped", wrapper)
+    with pytest.raises(NotImplementedError, match="FSDP1"):
+        estimate_local_volume(model, [torch.zeros(2, 20)], n_directions=2, progress=False)
+
+
 # ------------------------------------------------------------------------------------------ the guard
 @pytest.fixture
 def clean_launch_env(monkeypatch):

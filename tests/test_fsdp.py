@@ -63,7 +63,8 @@ def test_whole_range_coordinates_give_the_unsharded_estimate():
     plain = estimate_log_volume(fn, anchor, **kw)
     sharded = estimate_log_volume(fn, anchor, coordinates=_Coordinates(d, [(0, d)]), **kw)
     assert plain.flags == sharded.flags and plain.evaluations == sharded.evaluations
-    np.testing.assert_allclose(sharded.log_estimates, plain.log_estimates, rtol=0, atol=1e-9)
+    # One rank holding every coordinate: the same float64 sums in the same order, so the same bits.
+    assert sharded.log_estimates == plain.log_estimates and sharded.log_weights == plain.log_weights
     assert sharded.settings["coordinate_sharded"] and "coordinate_sharded" not in plain.settings
     with pytest.raises(ValueError, match="cover 10 coordinates but the local vector has 300"):
         estimate_log_volume(fn, anchor, coordinates=_Coordinates(d, [(0, 10)]), **kw)
