@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hfvolume.numerics import all_finite
-from hfvolume.priors import GaussianPrior, UniformPrior, resolve_prior
+from hfvolume.priors import GaussianPrior, Rays, UniformPrior, concatenate_rays, resolve_prior
 from hfvolume.proposals import Proposal, normalize_log_scales, sum_squares_f64
 from hfvolume.radius import RADIUS_METHODS, RadiusMethod, search_radii
 from hfvolume.results import LN2, DirectionFlag, VolumeResult
@@ -255,7 +255,8 @@ def estimate_log_volume(
     evals = np.empty(n_directions, dtype=np.int64)
     nonfinite = np.empty(n_directions, dtype=np.int64)
 
-    def run_batch(indices: np.ndarray, t_start: float) -> None:
+    def run_batch(indices: np.ndarray, t_start: float) -> Rays:
+        """Search the directions ``indices``; returns their rays (log masses are formed once per phase)."""
         w, lw = proposal.draw(indices.tolist(), n_params, seed=seed, dtype=dtype, device=theta0.device,
                               coordinates=coordinates)
         rays = resolved.rays(w)
@@ -281,23 +282,31 @@ def estimate_log_volume(
             np.full(len(indices), t_start),
             cutoff=cutoff,
             rtol=rtol,
-            cap=rays.cap,
+            # Caps (for the Gaussian prior a quadrature and a root search per ray) are computed only for rays that
+            # search past their cheap lower bound.
+            cap=rays.cap_floor,
             cap_flag=rays.cap_flag,
             method=radius_method,
             max_evaluations=max_evaluations,
+            exact_cap=rays.cap_at,
         )
-        capped = found.flag == rays.cap_flag
-        est = rays.log_mass(found.radius, capped) + lw
+        radii[indices], deltas[indices] = found.radius, found.delta
+        log_w[indices], flags[indices] = lw, found.flag
+        evals[indices], nonfinite[indices] = found.evaluations, found.nonfinite
+        return rays
+
+    def estimate(indices: np.ndarray, rays: Rays) -> None:
+        """log f(w) + log weight for ``indices`` (searched), with one vectorised log_mass call."""
+        capped = flags[indices] == rays.cap_flag
+        est = rays.log_mass(radii[indices], capped) + log_w[indices]
         bad = np.flatnonzero(np.isnan(est))
         if bad.size:
             i = int(indices[bad[0]])
             raise FloatingPointError(
-                f"log estimate of direction {i} is NaN (radius={found.radius[bad[0]]!r}, "
-                f"log weight={lw[bad[0]]!r}); refusing to average it"
+                f"log estimate of direction {i} is NaN (radius={radii[i]!r}, log weight={log_w[i]!r}); "
+                "refusing to average it"
             )
-        log_est[indices], radii[indices], deltas[indices] = est, found.radius, found.delta
-        log_w[indices], flags[indices] = lw, found.flag
-        evals[indices], nonfinite[indices] = found.evaluations, found.nonfinite
+        log_est[indices] = est
 
     def share(phase: np.ndarray, mine: np.ndarray, error: BaseException | None) -> None:
         # Two collectives per phase, reached by every rank even after a local failure, so that one rank's error
@@ -324,10 +333,13 @@ def estimate_log_volume(
         mine = shard_indices(phase, group.rank, group.world_size)
         error: BaseException | None = None
         try:
+            searched = []
             for start in range(0, len(mine), batch_size):
                 idx = mine[start : start + batch_size]
-                run_batch(idx, t_start)
+                searched.append(run_batch(idx, t_start))
                 bar.update(len(idx))
+            if searched:
+                estimate(mine, concatenate_rays(searched))
         except Exception as err:  # re-raised in share() after the other ranks learn of it
             if group.world_size == 1:
                 raise

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Union
+from typing import Any, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 
-from hfvolume.numerics import all_finite, log_ray_integral, log_sphere_area, log_unit_ball_volume, saturation_radius
+from hfvolume.numerics import (
+    all_finite,
+    log_ray_integral,
+    log_sphere_area,
+    log_unit_ball_volume,
+    ray_peak,
+    saturation_radius,
+)
 from hfvolume.proposals import sum_squares_f64
 from hfvolume.results import DirectionFlag
 from hfvolume.sharding import CoordinateShard, global_sums
@@ -30,7 +37,12 @@ class Rays(Protocol):
     """What the radius search and the estimator need from a prior, for a batch of K unit directions."""
 
     cap: np.ndarray  # [K] largest radius worth searching
+    cap_floor: np.ndarray  # [K] cheap lower bounds of cap
     cap_flag: DirectionFlag  # flag of a direction still inside the region at its cap
+
+    def cap_at(self, rays: np.ndarray) -> np.ndarray:
+        """``[k]`` caps of the rays with indices ``rays``."""
+        ...
 
     def log_mass(self, radii: np.ndarray, capped: np.ndarray) -> np.ndarray:
         """``[K]`` log f(w) in nats for radii ``[K]``; ``capped`` ``[K]`` marks directions that ended at the cap."""
@@ -236,8 +248,21 @@ class GaussianRays:
 
     @property
     def cap(self) -> np.ndarray:
+        """``[K]`` saturation radii: beyond them a ray holds < e^{SATURATION_LOG_TOL} of its prior mass."""
+        return self.cap_at(np.arange(self.a.size))
+
+    def cap_at(self, rays: np.ndarray) -> np.ndarray:
+        """The caps of the rays with indices ``rays`` (``[k]``), each ≥ its :attr:`cap_floor`."""
+        idx = np.asarray(rays, dtype=np.int64)
         n = self.prior.n_params - 1
-        return np.asarray(saturation_radius(n, self.a, self.b, log_tol=SATURATION_LOG_TOL), dtype=np.float64)
+        return np.asarray(saturation_radius(n, self.a[idx], self.b[idx], log_tol=SATURATION_LOG_TOL),
+                          dtype=np.float64)
+
+    @property
+    def cap_floor(self) -> np.ndarray:
+        """``[K]`` peaks t* of the radial integrand t^{D−1} e^{−a t²/2 + b t}: closed form, and ≤ the caps (the
+        saturation radius lies past the peak), so a search below them needs no cap."""
+        return np.asarray(ray_peak(self.prior.n_params - 1, self.a, self.b), dtype=np.float64)
 
     def log_mass(self, radii: np.ndarray, capped: np.ndarray) -> np.ndarray:
         """log f(w) = log|S^{D−1}| + c + log ∫_0^ρ t^{D−1} e^{−a t²/2 + b t} dt, with ρ = ∞ where capped."""
@@ -270,11 +295,33 @@ class UniformRays:
     cap: np.ndarray
     cap_flag: DirectionFlag = DirectionFlag.UNBOUNDED
 
+    @property
+    def cap_floor(self) -> np.ndarray:
+        return self.cap
+
+    def cap_at(self, rays: np.ndarray) -> np.ndarray:
+        return self.cap[np.asarray(rays, dtype=np.int64)]
+
     def log_mass(self, radii: np.ndarray, capped: np.ndarray) -> np.ndarray:
         """log f(w) = log V_D + D log ρ (a capped direction keeps ρ = cap: a lower bound)."""
         r = np.asarray(radii, dtype=np.float64)
         with np.errstate(divide="ignore"):
             return log_unit_ball_volume(self.n_params) + self.n_params * np.log(r)
+
+
+def concatenate_rays(parts: Sequence[Rays]) -> Rays:
+    """The rays of several batches of directions as one, in order, so that ``log_mass`` (a quadrature per
+    direction, vectorised) runs once for all of them instead of once per batch."""
+    if not parts:
+        raise ValueError("concatenate_rays needs at least one batch of rays")
+    first = parts[0]
+    if isinstance(first, GaussianRays) and all(isinstance(p, GaussianRays) and p.prior is first.prior for p in parts):
+        return GaussianRays(prior=first.prior, a=np.concatenate([p.a for p in parts]),
+                            b=np.concatenate([p.b for p in parts]))
+    if isinstance(first, UniformRays) and all(isinstance(p, UniformRays) and p.n_params == first.n_params
+                                              for p in parts):
+        return UniformRays(n_params=first.n_params, cap=np.concatenate([p.cap for p in parts]))
+    raise TypeError(f"cannot concatenate rays of different priors: {sorted({type(p).__name__ for p in parts})}")
 
 
 def resolve_prior(

@@ -30,10 +30,14 @@ def _block_seed(seed: int, index: int, block: int) -> int:
 
 
 def _block_values(seed: int, index: int, block: int, n_params: int, dtype: torch.dtype,
-                  gen: torch.Generator) -> torch.Tensor:
-    """Block ``block`` of u_index: its ``min(BLOCK, D − block·BLOCK)`` standard normal coordinates."""
+                  gen: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Block ``block`` of u_index: its ``min(BLOCK, D − block·BLOCK)`` standard normal coordinates (written into
+    ``out``, a contiguous CPU tensor of that size and ``dtype``, when given: the same values, without a copy)."""
     gen.manual_seed(_block_seed(seed, index, block))
-    return torch.randn(min((block + 1) * BLOCK, n_params) - block * BLOCK, generator=gen, dtype=dtype)
+    size = min((block + 1) * BLOCK, n_params) - block * BLOCK
+    if out is not None:
+        return torch.randn(size, generator=gen, dtype=dtype, out=out)
+    return torch.randn(size, generator=gen, dtype=dtype)
 
 
 def _check_out(out: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -69,8 +73,12 @@ def gaussian_direction(
     gen = torch.Generator(device="cpu")
     for block in range(start // BLOCK, (stop - 1) // BLOCK + 1 if stop > start else start // BLOCK):
         b0 = block * BLOCK
+        b1 = min(b0 + BLOCK, n_params)
+        if start <= b0 and b1 <= stop and out.is_contiguous():  # a whole block: drawn straight into place
+            _block_values(seed, index, block, n_params, dtype, gen, out=out[b0 - start : b1 - start])
+            continue
         values = _block_values(seed, index, block, n_params, dtype, gen)
-        lo, hi = max(b0, start), min(b0 + values.numel(), stop)
+        lo, hi = max(b0, start), min(b1, stop)
         out[lo - start : hi - start] = values[lo - b0 : hi - b0]
     return out
 

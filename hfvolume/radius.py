@@ -50,11 +50,14 @@ class RadiusSearchResult:
 class _Ray:
     """State of one ray's search; pure Python because K is small and the forward passes dominate."""
 
-    def __init__(self, t0: float, cutoff: float, rtol: float, cap: float, method: str, max_evaluations: int):
+    def __init__(self, t0: float, cutoff: float, rtol: float, cap: float, method: str, max_evaluations: int,
+                 cap_exact: bool = True):
         self.log_eps = math.log(cutoff)
         self.cutoff, self.rtol, self.method, self.max_evaluations = cutoff, rtol, method, max_evaluations
-        self.cap = cap
-        self.next_t = min(t0, cap)
+        # cap_exact=False: `cap` is only a lower bound of the true cap, to be replaced (set_cap) before any point
+        # at or beyond it is evaluated.
+        self.cap, self.cap_exact = cap, cap_exact
+        self.proposed = t0  # next radius before clamping to the cap
         self.lo: tuple[float, float, float] | None = None  # (t, f = log Δ − log ε, Δ) inside, largest so far
         self.hi: tuple[float, float] | None = None  # (t, f) outside, smallest so far; f = inf for NaN/inf
         self.prev_lo: tuple[float, float] | None = None
@@ -66,6 +69,17 @@ class _Ray:
         self.done = False
         self.flag = DirectionFlag.FAILED
         self.radius, self.delta = 0.0, 0.0
+
+    @property
+    def next_t(self) -> float:
+        return min(self.proposed, self.cap)
+
+    @property
+    def needs_cap(self) -> bool:
+        return not self.cap_exact and self.proposed >= self.cap
+
+    def set_cap(self, cap: float) -> None:
+        self.cap, self.cap_exact = cap, True
 
     def _finish(self, flag: DirectionFlag, t: float, delta: float) -> None:
         self.done, self.flag, self.radius, self.delta = True, flag, t, delta
@@ -105,12 +119,11 @@ class _Ray:
         if self.lo is not None and self.hi is not None and self.hi[0] - self.lo[0] <= _MIN_BRACKET * self.hi[0]:
             self._fail()
             return
-        self.next_t = self._propose()
+        self.proposed = self._propose()
 
     # ------------------------------------------------------------------------------------------ proposals
     def _propose(self) -> float:
-        t = self._propose_bisection() if self.method == "bisection" else self._propose_secant()
-        return min(t, self.cap)
+        return self._propose_bisection() if self.method == "bisection" else self._propose_secant()
 
     def _propose_bisection(self) -> float:
         if self.hi is None:
@@ -166,22 +179,35 @@ def search_radii(
     cap_flag: DirectionFlag,
     method: RadiusMethod = "secant",
     max_evaluations: int = 64,
+    exact_cap: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> RadiusSearchResult:
     """Find ρ for K rays in lockstep.
 
     evaluate(rows, t): Δ at θ0 + t_j·w_{rows_j} for ``[k]`` ray indices and ``[k]`` radii → ``[k]`` float64.
     t_start, cap: ``[K]`` first radius tried and largest radius searched.
     cap_flag: flag for a ray still inside at its cap (``saturated`` or ``unbounded``).
+    exact_cap: when given, ``cap`` is only a lower bound of each ray's cap and ``exact_cap(rays)`` (``[k]`` ray
+        indices → ``[k]`` caps ≥ those bounds) is called, for the rays that need it, before a point at or beyond
+        the bound is evaluated. The Gaussian prior's cap costs a quadrature and a root search per ray, while
+        rays almost always cross the cutoff far below a cheap bound (the integrand's peak), so it is rarely needed.
     """
     if method not in RADIUS_METHODS:
         raise ValueError(f"unknown radius_method {method!r}: use one of {RADIUS_METHODS}")
     t_start = np.asarray(t_start, dtype=np.float64)
     cap = np.asarray(cap, dtype=np.float64)
-    rays = [_Ray(float(t0), cutoff, rtol, float(c), method, max_evaluations) for t0, c in zip(t_start, cap)]
+    rays = [_Ray(float(t0), cutoff, rtol, float(c), method, max_evaluations, cap_exact=exact_cap is None)
+            for t0, c in zip(t_start, cap)]
     while True:
         active = np.array([k for k, r in enumerate(rays) if not r.done], dtype=np.int64)
         if active.size == 0:
             break
+        capless = np.array([k for k in active if rays[k].needs_cap], dtype=np.int64)
+        if capless.size:
+            caps = np.asarray(exact_cap(capless), dtype=np.float64).reshape(-1)  # type: ignore[misc]
+            for k, c in zip(capless, caps):
+                if not c >= rays[k].cap:
+                    raise ValueError(f"exact cap {c!r} of ray {k} is below its lower bound {rays[k].cap!r}")
+                rays[k].set_cap(float(c))
         ts = np.array([rays[k].next_t for k in active], dtype=np.float64)
         values = np.asarray(evaluate(active, ts), dtype=np.float64).reshape(-1)
         if values.shape != ts.shape:

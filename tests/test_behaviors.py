@@ -46,7 +46,9 @@ def test_kl_zero_at_anchor_and_positive_away(make_neox, lm_batch):
     assert values.dtype == torch.float64 and values.shape == (4,)
     assert values[0].item() == 0.0  # same path as the cached anchor: exactly zero
     assert torch.all(values[1:] > 0)
+    passes = fn.forward_passes
     assert fn(fn.anchor).item() == 0.0  # a [D] row gives a scalar
+    assert fn.forward_passes == passes  # the anchor's value is known from the set-up pass: no forward
 
 
 def test_kl_matches_hand_computation_causal_lm_with_padding_and_ignored_labels(at, make_neox, lm_batch):
@@ -142,7 +144,9 @@ def test_loss_matches_model_loss_and_hand_formula():
     with torch.no_grad():
         expected0 = (3 * model(**batches[0]).loss + 2 * model(**batches[1]).loss) / 5  # weighted by examples
     assert fn.anchor_value == pytest.approx(float(expected0), rel=1e-6)
-    assert fn(fn.anchor[None])[0].item() == fn.anchor_value  # bitwise: the core's fn(θ0) − anchor is exactly 0
+    # Bitwise: the core's fn(θ0) − anchor is exactly 0, also when θ0 is evaluated like any other row.
+    assert fn(fn.anchor.repeat(2, 1)).tolist() == [fn.anchor_value] * 2
+    assert fn(fn.anchor[None])[0].item() == fn.anchor_value
 
     theta = _perturb(fn.anchor, 1, 0.3, seed=1)[0]
     p = view.unflatten(theta.double())
@@ -308,7 +312,7 @@ def test_row_count_dependent_vmap_falls_back_to_the_loop(shift, caplog):
     info = fn.describe()
     assert info["row_invariance_check"] == "fallback-loop" and fn.path == "loop" and fn.directions_per_pass == 1
     assert info["vmap_error"]
-    assert float(fn(fn.anchor)) == 0.0
+    assert float(fn(fn.anchor)) == 0.0 and fn(fn.anchor.repeat(2, 1)).tolist() == [0.0, 0.0]
     thetas = _perturb(fn.anchor, 5, 1e-2)
     out = fn(thetas)
     assert torch.equal(out, torch.stack([fn(thetas[i : i + 1])[0] for i in range(5)]))
@@ -524,7 +528,7 @@ def test_bf16_model_rows_in_float32(make_neox, lm_batch):
     assert view.dtype == torch.bfloat16 and smallest_relative_step(view) == 2.0**-7
     fn = ModelBehavior(model, [lm_batch], view)
     assert fn.anchor.dtype == torch.float32 and fn.describe()["compute_dtype"] == "float32"
-    assert fn(fn.anchor[None])[0].item() == 0.0
+    assert fn(fn.anchor.repeat(2, 1)).tolist() == [0.0, 0.0]
     # a relative step below bf16's resolution rounds back to θ0 and is invisible
     assert fn((fn.anchor * (1 + 2.0**-10))[None])[0].item() == 0.0
     assert fn(_perturb(fn.anchor, 1, 5e-2))[0].item() > 0
@@ -682,3 +686,26 @@ def test_in_place_path_restores_after_an_exception_and_declines_stale_anchors(ma
         model[0].bias.sub_(1.0)
     with pytest.raises(RuntimeError, match="training mode"):
         fn.evaluate_along(fn.anchor, w, [0.5])
+
+
+def test_rows_per_pass_keep_one_activation_of_the_pass_cache_sized(make_mlp):
+    from hfvolume.behaviors import MAX_DIRECTIONS_PER_PASS, PASS_CACHE_BYTES
+
+    model = make_mlp()
+    x = torch.randn(256, 20, generator=torch.Generator().manual_seed(0))
+    # The largest module output of one row is [256, 64] float32 = 64 KiB.
+    assert ModelBehavior(model, [x]).directions_per_pass == PASS_CACHE_BYTES // (256 * 64 * 4)
+    assert ModelBehavior(model, [x[:8]]).directions_per_pass == MAX_DIRECTIONS_PER_PASS
+    assert ModelBehavior(model, [x], directions_per_pass=48).directions_per_pass == 48  # explicit values are kept
+
+
+def test_the_anchor_value_is_reused_only_for_the_anchor_itself(make_mlp):
+    model = make_mlp()
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(0))
+    fn = ModelBehavior(model, [x])
+    passes = fn.forward_passes
+    assert float(fn(fn.anchor.clone())) == 0.0 and fn.forward_passes == passes  # equal values: no forward
+    # Same first element in memory, other stride (every entry is θ0[0]): another point, which is evaluated.
+    other = fn.anchor.as_strided((fn.anchor.numel(),), (0,))
+    assert other.data_ptr() == fn.anchor.data_ptr() and not torch.equal(other, fn.anchor)
+    assert float(fn(other)) > 0 and fn.forward_passes > passes

@@ -345,3 +345,23 @@ def test_bad_anchor_and_fn():
         estimate_log_volume(lambda th: th.sum() * float("nan"), torch.ones(3), cutoff=1.0, progress=False)
     with pytest.raises(ValueError, match="sigma"):
         GaussianPrior(sigma=-1.0)
+
+
+def test_gaussian_rays_cap_floor_bounds_the_caps_and_batches_concatenate():
+    from hfvolume.priors import concatenate_rays, resolve_prior
+
+    anchor = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    prior = resolve_prior(GaussianPrior(sigma=0.5), anchor, default_max_radius=1e3)
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    w /= w.norm(dim=1, keepdim=True)
+    whole, parts = prior.rays(w), [prior.rays(w[:2]), prior.rays(w[2:])]
+    assert (whole.cap_floor < whole.cap).all()
+    np.testing.assert_array_equal(whole.cap_at(np.array([4, 1])), whole.cap[[4, 1]])
+    joined = concatenate_rays(parts)
+    radii, capped = np.linspace(0.1, 2.0, 6), np.array([False] * 5 + [True])
+    np.testing.assert_array_equal(joined.log_mass(radii, capped), whole.log_mass(radii, capped))
+    uniform = resolve_prior(UniformPrior(), anchor, default_max_radius=1e3).rays(w)
+    with pytest.raises(TypeError, match="different priors"):
+        concatenate_rays([whole, uniform])
+    with pytest.raises(ValueError, match="at least one"):
+        concatenate_rays([])

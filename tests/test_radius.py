@@ -115,3 +115,36 @@ def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="radius_method"):
         search_radii(lambda r, t: t, np.ones(1), cutoff=1.0, rtol=0.1, cap=np.ones(1),
                      cap_flag=DirectionFlag.SATURATED, method="newton")
+
+
+@pytest.mark.parametrize("method", ["secant", "bisection"])
+def test_lazy_caps_are_computed_only_past_their_floor_and_give_the_eager_result(method):
+    # Ray 0 crosses the cutoff (s = 1) below its floor; ray 1 is flat and runs into its cap; ray 2 crosses between
+    # its floor (0.5) and its cap (50).
+    profiles = [lambda s: 0.5 * s * s, lambda s: 0.0, lambda s: 0.5 * s * s]
+    scales = np.array([1.0, 1.0, 0.1])
+
+    def fn(rows, ts):
+        return np.array([profiles[r](scales[r] * t) for r, t in zip(rows, ts)])
+
+    floors, caps = np.array([10.0, 2.0, 0.5]), np.array([20.0, 5.0, 50.0])
+    asked: list[list[int]] = []
+
+    def exact(rows):
+        asked.append(rows.tolist())
+        return caps[rows]
+
+    kw = dict(cutoff=0.5, rtol=1e-2, cap_flag=DirectionFlag.SATURATED, method=method)
+    lazy = search_radii(fn, np.full(3, 0.1), cap=floors, exact_cap=exact, **kw)
+    eager = search_radii(fn, np.full(3, 0.1), cap=caps, **kw)
+    assert sorted(k for call in asked for k in call) == [1, 2]  # each ray asked once, ray 0 never
+    for field in ("radius", "delta", "evaluations"):
+        np.testing.assert_array_equal(getattr(lazy, field), getattr(eager, field))
+    assert list(lazy.flag) == list(eager.flag) == [DirectionFlag.CONVERGED, DirectionFlag.SATURATED,
+                                                    DirectionFlag.CONVERGED]
+
+
+def test_a_cap_below_its_floor_is_refused():
+    with pytest.raises(ValueError, match="below its lower bound"):
+        search_radii(lambda r, t: np.zeros(len(r)), np.ones(1), cutoff=1.0, rtol=0.1, cap=np.full(1, 2.0),
+                     cap_flag=DirectionFlag.SATURATED, exact_cap=lambda rows: np.ones(len(rows)))
