@@ -96,6 +96,12 @@ BehaviorSpec = Union[str, Callable[[Any, Any], torch.Tensor]]
 _SDPA_FALLBACK_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
 
+def _has_zero_probability(log_p: torch.Tensor) -> bool:
+    """Whether exp underflows to 0 anywhere in ``log_p`` (exp is monotone: its minimum decides, without a
+    temporary of the tensor's size)."""
+    return log_p.numel() > 0 and bool(torch.exp(log_p.min()) == 0)
+
+
 class _SetupError(ValueError):
     """A user error found while evaluating the anchor: never a reason to fall back from vmap to the loop."""
 
@@ -785,7 +791,7 @@ class ModelBehavior:
                         b.n_scored = int(b.index.numel())
                         b.all_scored = b.n_scored * b.width == out[0].numel()
                         ref = self._anchor_reference(out, b)
-                        b.p0_has_zeros = self._kind == "kl" and bool((ref.exp() == 0).any())
+                        b.p0_has_zeros = self._kind == "kl" and _has_zero_probability(ref)
                         bad = torch.isnan(ref).any() | torch.isposinf(ref).any()
                         if self._kind == "output":
                             bad = bad | torch.isneginf(ref).any()
@@ -900,7 +906,7 @@ class ModelBehavior:
                         b.p0_has_zeros = self._kind == "kl"
                         continue
                     ref = self._anchor_reference(self._run(theta0, b), b)
-                    b.p0_has_zeros = self._kind == "kl" and bool((ref.exp() == 0).any())
+                    b.p0_has_zeros = self._kind == "kl" and _has_zero_probability(ref)
                     b.anchor = ref.to(b.anchor.device)
                     if self._cache_mode == "cpu" and self.device.type == "cuda":
                         b.anchor = b.anchor.pin_memory()

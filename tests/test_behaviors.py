@@ -709,3 +709,38 @@ def test_the_anchor_value_is_reused_only_for_the_anchor_itself(make_mlp):
     other = fn.anchor.as_strided((fn.anchor.numel(),), (0,))
     assert other.data_ptr() == fn.anchor.data_ptr() and not torch.equal(other, fn.anchor)
     assert float(fn(other)) > 0 and fn.forward_passes > passes
+
+
+class _MaskedClassifier(nn.Module):
+    """Logits of a linear layer with class 0 masked to −inf (p0 = 0 there, for every parameter value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).index_fill(1, torch.tensor([0]), float("-inf"))
+
+
+@pytest.mark.parametrize("use_vmap", [True, False])
+def test_kl_terms_where_the_anchor_has_zero_probability_are_zero(make_mlp, use_vmap):
+    torch.manual_seed(0)
+    model = _MaskedClassifier().eval()
+    x = torch.randn(12, 20, generator=torch.Generator().manual_seed(1))
+    fn = ModelBehavior(model, [x], use_vmap=use_vmap)
+    assert fn._batches[0].p0_has_zeros  # so the terms are masked: 0 · (−inf − (−inf)) would be NaN
+    thetas = _perturb(fn.anchor, 3, 5e-2)
+    got = fn(thetas)
+    for k in range(3):
+        params = fn.view.unflatten(thetas[k])
+        with torch.no_grad():
+            logits1 = torch.func.functional_call(model, params, (x,)).double()[:, 1:]
+            logits0 = model(x).double()[:, 1:]
+        p0 = torch.softmax(logits0, -1)
+        log_q = torch.log_softmax(logits1, -1)
+        expected = float((p0 * (torch.log_softmax(logits0, -1) - log_q)).sum(-1).mean())
+        # float32 log-probabilities: each term is off by a few rounding units of the largest |log-probability|.
+        tol = 8 * torch.finfo(torch.float32).eps * float(log_q.abs().max())
+        assert math.isfinite(got[k].item()) and abs(got[k].item() - expected) <= tol
+    plain = ModelBehavior(make_mlp(), [x])
+    assert not plain._batches[0].p0_has_zeros  # nothing underflows: the mask is skipped
