@@ -7,6 +7,7 @@ process. This file is also the worker the launched processes run (``python tests
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -234,6 +235,12 @@ def _worker(out_dir: str) -> None:
     record["restored_after_error"] = all(torch.equal(before[n], t) for n, t in _full_state(model).items())
     (Path(out_dir) / f"rank{info.rank}.json").write_text(json.dumps(record, default=str))
     torch.distributed.destroy_process_group()
+    # Skip interpreter finalization: about one launch in 25 (torch 2.13, gloo, FSDP2) aborted there with
+    # "terminate called without an active exception", after both ranks had written their records and destroyed the
+    # process group (checked with markers around these lines), and the launch then failed for nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow
