@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import datasets
 import evaluate
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from hfvolume.behaviors import is_causal_lm
 from hfvolume.loading import TASKS
@@ -276,13 +277,9 @@ def _padded_batches(
     ``[B, T_max]`` (and ``labels`` = the ids with -100 at padding, for the causal-LM loss)."""
     batches = []
     for start in range(0, len(ids), batch_size):
-        rows = ids[start : start + batch_size]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[r, : len(row)] = 1
+        rows = [torch.tensor(r, dtype=torch.long) for r in ids[start : start + batch_size]]
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+        mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0)
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if with_labels:
             batch["labels"] = input_ids.masked_fill(mask == 0, -100)
