@@ -532,7 +532,7 @@ class ModelBehavior:
         self.model_calls = 0
         self._path = "vmap" if use_vmap else "loop"
         self._inplace_versions: tuple[int, ...] | None = None  # see evaluate_along
-        self._inplace_targets: list[tuple[torch.Tensor, slice]] | None = None
+        self._inplace_targets: list[tuple[torch.Tensor, slice, torch.Tensor]] | None = None
         self._vmap_error: str | None = None
         self.anchor = self.view.flatten(model, dtype=self._row_dtype)
         self._setup_anchor(anchor_cache, cache_bytes_limit, host_cache_bytes_limit)
@@ -564,19 +564,14 @@ class ModelBehavior:
         )
 
     # ------------------------------------------------------------------------------------------ evaluation core
-    def _params_of(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[D]`` row → {name: view cast to the parameter's dtype/device} (functional_call unties shared names)."""
-        views = self.view.unflatten(row)
-        # .to() is a no-op (no copy) when dtype and device already match: float32/float64 models use pure views.
-        return {n: v.to(dtype=dt, device=dev) for (n, v), (dt, dev) in zip(views.items(), self._targets)}
-
     def _batched_params(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[C, D]`` rows → {name: ``[C, *shape]`` view cast to the parameter's dtype/device}, every name of a
-        shared tensor included.
+        """``[C, D]`` rows (or one ``[D]`` row) → {name: ``[C, *shape]`` (or ``shape``) view cast to the parameter's
+        dtype/device}, every name of a shared tensor included.
 
         Split outside vmap and with the ties already spelled out, so each vmapped call neither slices a batched
         row nor walks the module tree to untie names (functional_call's ``tie_weights``): on the digits MLP
-        (1 thread) that per-call work was ~0.1 ms, as much as a 4-row forward pass."""
+        (1 thread) that per-call work was ~0.1 ms, as much as a 4-row forward pass. .to() is a no-op (no copy)
+        when dtype and device already match: float32/float64 models use pure views."""
         out: dict[str, torch.Tensor] = {}
         for (n, v), (dt, dev) in zip(self.view.unflatten(rows).items(), self._targets):
             out[n] = v = v.to(dtype=dt, device=dev)
@@ -620,10 +615,7 @@ class ModelBehavior:
         )
 
     def _forward_row(self, row: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        outputs = torch.func.functional_call(
-            self.model, self._params_of(row), batch.args, batch.kwargs, tie_weights=True, strict=False
-        )
-        return self._extract(outputs, batch)
+        return self._forward_params(self._batched_params(row), batch)
 
     def _forward_params(self, params: dict[str, torch.Tensor], batch: _Batch) -> torch.Tensor:
         """One row's forward from :meth:`_batched_params` (under vmap: one entry of the batch of rows)."""
@@ -966,27 +958,28 @@ class ModelBehavior:
             return None
         if _any_training(self.model):
             raise RuntimeError("the model is in training mode: call model.eval() before evaluating the behaviour")
-        if theta0.shape != self.anchor.shape or theta0.dtype != self.anchor.dtype or not (
-            theta0.data_ptr() == self.anchor.data_ptr() or torch.equal(theta0, self.anchor)
-        ):
+        if not self._is_anchor(theta0):
             return None
         if self._inplace_targets is None:  # evaluate_along runs once per evaluated point: build this once
             params = dict(self.model.named_parameters(remove_duplicate=False))
-            self._inplace_targets = [(params[n], sl) for n, sl in zip(self.view.names, self.view.tensor_slices().values())]
+            self._inplace_targets = [
+                (params[n], sl, self.anchor[sl].view(params[n].shape))
+                for n, sl in zip(self.view.names, self.view.tensor_slices().values())
+            ]
         targets = self._inplace_targets
         with torch.no_grad():
             # Every in-place change of a parameter bumps its version counter: unchanged counters since our last
             # restore mean the parameters still hold the anchor, and the O(D) comparison can be skipped.
-            if tuple(p._version for p, _ in targets) != self._inplace_versions and not all(
-                torch.equal(p, self.anchor[sl].view(p.shape).to(p.dtype)) for p, sl in targets
+            if tuple(p._version for p, _, _ in targets) != self._inplace_versions and not all(
+                torch.equal(p, base.to(p.dtype)) for p, _, base in targets
             ):
                 return None
             acc = torch.zeros(directions.shape[0], dtype=torch.float64, device=self.device)
             try:
                 for k, t in enumerate(float(x) for x in ts):
                     w = directions[k].to(self.device)
-                    for p, sl in targets:
-                        base, step = self.anchor[sl].view(p.shape), w[sl].view(p.shape)
+                    for p, sl, base in targets:
+                        step = w[sl].view(p.shape)
                         if p.dtype == base.dtype:
                             torch.add(base, step, alpha=t, out=p)
                         else:  # bf16/fp16 parameters: the point is formed in the row dtype, then cast
@@ -996,9 +989,9 @@ class ModelBehavior:
                             continue
                         acc[k] += self._batch_values(None, b, self._anchor_for(b))[0]
             finally:
-                for p, sl in targets:
-                    p.copy_(self.anchor[sl].view(p.shape))
-                self._inplace_versions = tuple(p._version for p, _ in targets)
+                for p, _, base in targets:
+                    p.copy_(base)
+                self._inplace_versions = tuple(p._version for p, _, _ in targets)
             denom = self.n_scored if self._kind in ("kl", "output") else self.n_examples
             return (acc / denom).cpu()
 
@@ -1051,7 +1044,7 @@ class ModelBehavior:
 
     def _is_anchor(self, row: torch.Tensor) -> bool:
         """Whether ``row`` ``[D]`` is bitwise :attr:`anchor` (a view of it is recognised without comparing)."""
-        if row.dtype != self.anchor.dtype or row.device != self.anchor.device:
+        if row.shape != self.anchor.shape or row.dtype != self.anchor.dtype or row.device != self.anchor.device:
             return False
         same_view = row.data_ptr() == self.anchor.data_ptr() and row.stride() == self.anchor.stride()
         return same_view or torch.equal(row, self.anchor)

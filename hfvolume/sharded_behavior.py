@@ -295,6 +295,11 @@ class ShardedModelBehavior(ModelBehavior):
             self._reshard()  # so that the next row's writes into the shards are all-gathered again
         return self._extract(outputs, batch)
 
+    def _is_anchor(self, row: torch.Tensor) -> bool:
+        """Never short-cut the anchor here: each rank would decide on its own shard, and a rank that skipped the
+        forward would leave the others waiting in its all-gathers."""
+        return False
+
     def evaluate_along(self, theta0: torch.Tensor, directions: torch.Tensor, ts: Any) -> None:
         """Not offered: this behaviour writes rows into the local shards itself (see :meth:`__call__`)."""
         return None

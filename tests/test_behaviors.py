@@ -100,10 +100,12 @@ def test_kl_matches_hand_computation_bert_classifier(at, make_bert, cls_batch):
     assert fn(theta[None])[0].item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_tied_embeddings_are_perturbed_together(at, make_neox, lm_batch):
+@pytest.mark.parametrize("use_vmap", [True, False])
+def test_tied_embeddings_are_perturbed_together(at, make_neox, lm_batch, use_vmap):
     model = make_neox(tie=True)
     view = ParameterView.from_model(model, ["gpt_neox.embed_in.weight"])
-    fn = ModelBehavior(model, [lm_batch], view)
+    fn = ModelBehavior(model, [lm_batch], view, use_vmap=use_vmap)
+    assert fn.path == ("vmap" if use_vmap else "loop")
     theta = _perturb(fn.anchor, 1, 5e-2, seed=5)[0]
     with torch.no_grad():
         l0 = model(**lm_batch).logits
