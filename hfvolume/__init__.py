@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import os as _os
 
+from hfvolume.integrations.callback import LocalVolumeCallback, LocalVolumeConfig, volume_series
+from hfvolume.integrations.modelcard import update_model_card
+from hfvolume.measure.local_volume import estimate_local_volume
+from hfvolume.models.behavior import ModelBehavior
+from hfvolume.models.fisher import fisher_diagonal
+from hfvolume.models.optim_state import adam_scales, optimizer_state_from_checkpoint
+from hfvolume.models.params import ParameterView
+from hfvolume.models.scales import RelativeEps
+from hfvolume.volume.estimator import estimate_log_volume
+from hfvolume.volume.priors import GaussianPrior, UniformPrior
+from hfvolume.volume.results import DirectionFlag, VolumeResult
+
 __version__ = "0.1.0"
 
 # Directory of the evaluate module: ``evaluate.load(hfvolume.METRIC_PATH)`` works offline.
-METRIC_PATH = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "metrics", "local_volume")
-
-from hfvolume.behaviors import ModelBehavior
-from hfvolume.callback import LocalVolumeCallback, LocalVolumeConfig, volume_series
-from hfvolume.estimator import estimate_log_volume
-from hfvolume.fisher import fisher_diagonal
-from hfvolume.local_volume import estimate_local_volume
-from hfvolume.modelcard import update_model_card
-from hfvolume.optim_state import RelativeEps, adam_scales, optimizer_state_from_checkpoint
-from hfvolume.params import ParameterView
-from hfvolume.priors import GaussianPrior, UniformPrior
-from hfvolume.results import DirectionFlag, VolumeResult
+METRIC_PATH = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "integrations", "metrics", "local_volume")
 
 __all__ = [
     "DirectionFlag",

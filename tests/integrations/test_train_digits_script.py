@@ -1,0 +1,46 @@
+"""scripts/train_digits.py (the README's main job) on a short run: outputs, printed lines, the no-callback mode."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_digits.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_digits", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_digits"] = module  # dataclasses resolve string annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("train_digits", None)
+
+
+def test_short_run_writes_series_plot_and_card(script, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = script.main(["--output_dir", str(out), "--epochs", "2", "--evaluations", "2", "--n_directions", "4"])
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if "information content" in line and "bits" in line]
+    assert len(lines) == 2
+    series = json.loads((out / "hfvolume" / "series.json").read_text())["series"]
+    assert [p["step"] for p in series] == [p["step"] for p in summary["series"]] and len(series) == 2
+    assert all(p["n_directions"] == 4 and p["information_content_bits"] > 0 for p in series)
+    assert (out / "hfvolume" / "information_content.png").read_bytes().startswith(b"\x89PNG")
+    card = (out / "README.md").read_text()
+    assert "<!-- hfvolume:start -->" in card
+    assert (out / "model.safetensors").is_file()
+
+
+def test_without_callback_and_bad_arguments(script, tmp_path):
+    out = tmp_path / "plain"
+    summary = script.main(["--output_dir", str(out), "--epochs", "1", "--evaluations", "1", "--no_volume"])
+    assert "series" not in summary and not (out / "hfvolume").exists()
+    with pytest.raises(ValueError, match="epochs"):
+        script.main(["--output_dir", str(out), "--epochs", "0"])
