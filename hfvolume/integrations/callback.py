@@ -70,6 +70,7 @@ from hfvolume.measure.local_volume import estimate_local_volume
 from hfvolume.models.batches import materialize_batches
 from hfvolume.models.optim_state import has_adam_state
 from hfvolume.models.params import ParameterView, rms
+from hfvolume.models.state import preserved_state
 from hfvolume.parallel.distributed import resolve_sharding
 from hfvolume.volume.results import VolumeResult
 
@@ -152,6 +153,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         self._warned: set[str] = set()  # warnings already shown in this run (see once_per_run, _warn_once)
         self._random_forward: bool | None = None
         self._setup_error: str | None = None
+        self.init_health: Any = None  # the initialisation-health report of the run, when asked for
 
     # ---------------------------------------------------------------------------------------- Trainer plumbing
     def state(self) -> dict[str, Any]:
@@ -217,6 +219,8 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             self._setup_error = f"{type(err).__name__}: {err}"
             logger.warning("hfvolume: cannot set up the prior of this run's measurements: %s (training continues; "
                            "every measurement of this run will fail)", self._setup_error)
+        if self.config.init_health_report and model is not None:
+            self._report_init_health(state, model)
 
     @_event()
     def on_step_end(self, args, state, control, **kwargs):
@@ -248,6 +252,35 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             self._measure_and_log(args, state, kwargs)
         if self.config.write_card and self.series and state.is_world_process_zero:
             self.write_card(args.output_dir)
+
+    def _report_init_health(self, state: Any, model: Any) -> None:
+        """Cumulant propagation through the model's MLP parts at train begin, once per run: logged through the
+        Trainer (keys ``init_*``) and kept for the card. Deterministic and sampling-free, so it moves no random state;
+        a model without MLP parts, or any error, is reported and training goes on."""
+        from hfvolume.cumulants import UnsupportedModelError, init_health_report
+
+        try:
+            with preserved_state(model):
+                report = init_health_report(model)
+        except UnsupportedModelError as err:
+            logger.info("hfvolume: no initialisation-health report: %s", err)
+            return
+        except Exception as err:  # noqa: BLE001 - a diagnostic must never stop training
+            if self.config.strict:
+                raise
+            logger.warning("hfvolume: initialisation-health report failed: %s: %s (training continues)",
+                           type(err).__name__, err)
+            return
+        if not report.parts:
+            logger.info("hfvolume: no initialisation-health report: the model has no MLP part")
+            return
+        self.init_health = report
+        values = report.to_dict()
+        logger.info("hfvolume: initialisation health: std of E[f] %.4g, dead units %.3f, linear units %.3f",
+                    values["init_expected_output_std"], values["init_dead_unit_fraction"],
+                    values["init_linear_unit_fraction"])
+        if self._trainer is not None and state.is_world_process_zero:
+            self._trainer.log(values)
 
     # --------------------------------------------------------------------------------------------- measuring
     def _target_for(self, prefix: str) -> EvalTarget | None:

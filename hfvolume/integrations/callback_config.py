@@ -118,6 +118,12 @@ class LocalVolumeConfig:
         metadata={"help": "time budget per measurement: later measurements use fewer directions (at least 8)"},
     )
     write_card: bool = field(default=True, metadata={"help": "write the card section into output_dir/README.md"})
+    init_health_report: bool = field(
+        default=False,
+        metadata={"help": "at train begin, propagate a Gaussian input through the model's MLP parts (cumulant "
+                          "propagation, no sampling): expected-output spread and dead/linear unit fractions, logged "
+                          "once and written to the card"},
+    )
     strict: bool = field(default=False, metadata={"help": "re-raise errors of the measurement (default: warn)"})
 
     def __post_init__(self) -> None:
@@ -145,7 +151,7 @@ class LocalVolumeConfig:
         check_optional_int("measure_every_n_steps", self.measure_every_n_steps)
         if self.max_seconds is not None:
             check_positive("max_seconds", self.max_seconds)
-        for name in ("measure_on_evaluate", "measure_on_train_end", "write_card", "strict"):
+        for name in ("measure_on_evaluate", "measure_on_train_end", "write_card", "init_health_report", "strict"):
             check_bool(name, getattr(self, name))
 
 

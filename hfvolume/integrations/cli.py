@@ -258,8 +258,22 @@ def write_result(result: VolumeResult, info: dict[str, Any], output_dir: str) ->
     return path
 
 
-COMMANDS = ("estimate",)
-USAGE = "usage: hfvolume {estimate} [options]   (hfvolume estimate --help for the options; hfvolume --version)"
+COMMANDS = ("estimate", "cumulants")
+USAGE = ("usage: hfvolume {estimate,cumulants} [options]   (hfvolume COMMAND --help for the options; "
+         "hfvolume --version)\n"
+         "  estimate    local volume and information content of a model (default: the bundled digits MLP)\n"
+         "  cumulants   expected output and dead/linear units of a model's MLP parts over Gaussian inputs")
+
+
+def _other_command(command: str, rest: Sequence[str]) -> int:
+    """Commands whose code lives in their own subpackage; argparse's usage errors become exit status 2."""
+    from hfvolume.cumulants.report import run_cli
+
+    runners = {"cumulants": run_cli}
+    try:
+        return runners[command](list(rest))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
 
 
 def parse_estimate_arguments(rest: Sequence[str], prog: str) -> EstimateArguments:
@@ -318,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"hfvolume: unknown command {command!r}; available: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command != "estimate":
+        return _other_command(command, rest)
     prog = f"hfvolume {command}"
     try:
         args = parse_estimate_arguments(rest, prog)

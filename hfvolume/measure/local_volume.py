@@ -9,8 +9,10 @@ as they were.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from typing import Any, Callable, Iterable, Mapping, Union
 
 import numpy as np
@@ -24,6 +26,7 @@ from hfvolume.measure.options import (
     PriorSpec,
     SigmaSpec,
     check_prior_arguments,
+    resolve_curvature_proposal,
     resolve_preconditioner,
     resolve_prior,
 )
@@ -35,6 +38,7 @@ from hfvolume.parallel.fsdp import ShardedModelBehavior
 from hfvolume.volume.checks import check_int, check_optional_int
 from hfvolume.volume.estimator import estimate_log_volume, perturbation_dtype
 from hfvolume.volume.results import VolumeResult
+from hfvolume.volume.tilted import CurvatureProposal
 
 logger = logging.getLogger("hfvolume")
 
@@ -91,6 +95,33 @@ def _check_precision(view: ParameterView, result: VolumeResult, anchor: torch.Te
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _ProposalInputs:
+    """The core's proposal arguments: diagonal ``scales`` (with ``mixture``) or a curvature ``proposal``, and the
+    forward passes spent building the latter."""
+
+    scales: torch.Tensor | None
+    info: dict[str, Any] | None
+    mixture: float
+    proposal: CurvatureProposal | None = None
+    forward_passes: int = 0
+    wall_time_s: float = 0.0
+
+
+def _proposal_inputs(preconditioner: PreconditionerSpec, view: ParameterView, *, model: nn.Module, fn: Any,
+                     optimizer: Any, mixture: float, cutoff: float, seed: int,
+                     options: Mapping[str, Any] | None) -> _ProposalInputs:
+    """``"ggn"`` builds the curvature proposal (the mixture goes inside it); everything else gives scales."""
+    if isinstance(preconditioner, str) and preconditioner == "ggn":
+        begin = time.perf_counter()
+        proposal, passes = resolve_curvature_proposal(view, model=model, behavior=fn, cutoff=cutoff, mixture=mixture,
+                                                      optimizer=optimizer, seed=seed, options=options)
+        return _ProposalInputs(None, None, 0.0, proposal, passes, time.perf_counter() - begin)
+    scales, info = resolve_preconditioner(preconditioner, view, model=model, optimizer=optimizer, behavior=fn,
+                                          seed=seed, options=options)
+    return _ProposalInputs(scales, info, mixture)
+
+
 def estimate_local_volume(
     model: nn.Module,
     data: Union[Iterable[Any], Any],
@@ -141,8 +172,11 @@ def estimate_local_volume(
         prior_mean: None (origin), a state dict / model whose parameters are the centre (e.g. the base model of
             a fine-tune: the result then measures the information the fine-tune added), or a ``[D]`` tensor.
         n_directions: number of directions.
-        preconditioner: proposal scales: None (isotropic), a mapping name → tensor of per-coordinate scales or
-            name → float, or a ``[D]`` tensor.
+        preconditioner: the proposal: None (isotropic), "adam" / "adam-m" (optimizer state), "fisher" (diagonal
+            Fisher), "ggn" (the prior tilted by the behaviour's Gauss–Newton curvature, low rank plus a floor
+            measured on pilot rays: :class:`hfvolume.volume.tilted.CurvatureProposal`; the curvature's forward
+            passes are added to the result's, and its rank, floor and tilt are in ``settings["proposal"]``), a
+            mapping name → tensor of per-coordinate scales or name → float, or a ``[D]`` tensor.
         optimizer: the training optimizer, for optimizer-state proposals.
         mixture: defensive-mixture fraction α of isotropic directions.
         params: "trainable" (default: parameters with ``requires_grad``), "all", a list of names, or a predicate.
@@ -182,6 +216,9 @@ def estimate_local_volume(
     sigma, prior_mean, preconditioner = (layout.local(x) for x in (sigma, prior_mean, preconditioner))
     if layout.fsdp and isinstance(preconditioner, str) and preconditioner == "fisher":
         raise NotImplementedError("preconditioner='fisher' is not supported for FSDP2-sharded models yet")
+    if layout.fsdp and isinstance(preconditioner, str) and preconditioner == "ggn":
+        raise NotImplementedError("preconditioner='ggn' is not supported for FSDP2-sharded models; use "
+                                  "preconditioner='adam' (a diagonal proposal) instead")
     view = layout.view
     with layout.quiet_ranks(), preserved_state(model):
         fn = _build_behavior(model, data, layout, working_memory=working_memory, behavior=behavior,
@@ -191,22 +228,26 @@ def estimate_local_volume(
         # cost memory, and its in-place path recognises its anchor.
         anchor = view.flatten(model) if layout.fsdp else fn.anchor
         resolved_prior = resolve_prior(prior, sigma, prior_mean, view)
-        scales, proposal_info = resolve_preconditioner(
-            preconditioner, view, model=model, optimizer=optimizer, behavior=fn, seed=seed,
-            options=preconditioner_options,
-        )
+        chosen = _proposal_inputs(preconditioner, view, model=model, fn=fn, optimizer=optimizer, mixture=mixture,
+                                  cutoff=cutoff, seed=seed, options=preconditioner_options)
         result = estimate_log_volume(
-            fn, anchor, cutoff=cutoff, prior=resolved_prior, n_directions=n_directions, scales=scales,
-            mixture=mixture, seed=seed, rtol=rtol, batched=True, radius_method=radius_method,  # type: ignore[arg-type]
+            fn, anchor, cutoff=cutoff, prior=resolved_prior, n_directions=n_directions, scales=chosen.scales,
+            mixture=chosen.mixture, proposal=chosen.proposal, seed=seed, rtol=rtol, batched=True,
+            radius_method=radius_method,  # type: ignore[arg-type]
             batch_size=directions_per_batch or _directions_per_batch(fn, view, working_memory),
             # FSDP2: every rank evaluates every direction (no split), so the estimator would show a bar on each.
             progress=progress and (not layout.fsdp or is_main_process()),
-            proposal_info=proposal_info,
+            proposal_info=chosen.info,
             extra_settings={"behavior": fn.describe(), "parameters": view.describe(), "working_memory": working_memory},
             sharding=layout.sharding,
             coordinates=layout.coordinates,
         )
         _check_precision(view, result, anchor)
+    if chosen.forward_passes:
+        # Every rank built the same curvature: the result's forward passes are summed over ranks.
+        ranks = 1 if layout.sharding is None else layout.sharding.world_size
+        result = dataclasses.replace(result, forward_passes=result.forward_passes + ranks * chosen.forward_passes,
+                                     wall_time_s=result.wall_time_s + chosen.wall_time_s)
     return result
 
 

@@ -14,16 +14,25 @@ from torch import nn
 
 from hfvolume.models.behavior import ModelBehavior
 from hfvolume.models.params import ParameterView
+from hfvolume.volume.checks import check_choice, check_positive
 from hfvolume.volume.priors import GaussianPrior, UniformPrior
+from hfvolume.volume.tilted import CurvatureProposal
 
 SigmaSpec = Union[None, str, float, Mapping[str, float], torch.Tensor]
 PriorMeanSpec = Union[None, Mapping[str, torch.Tensor], nn.Module, torch.Tensor]
 PreconditionerSpec = Union[None, str, Mapping[str, Any], torch.Tensor]
 PriorSpec = Union[str, GaussianPrior, UniformPrior]
 
-PRECONDITIONERS = ("adam", "adam-m", "fisher")
+PRECONDITIONERS = ("adam", "adam-m", "fisher", "ggn")
 _ADAM_OPTIONS = {"exponent", "eps", "fallback", "betas"}
 _FISHER_OPTIONS = {"exponent", "eps", "n_samples", "damping", "max_batches", "method"}
+# "tilt" and "floor_shape" belong to the proposal; the rest are curvature_of's knobs (hfvolume.models.curvature).
+_GGN_PROPOSAL_OPTIONS = {"tilt", "floor_shape", "floor_shape_options"}
+_GGN_OPTIONS = _GGN_PROPOSAL_OPTIONS | {"method", "rank", "floor", "pilot_rays", "iterations", "max_forward_passes",
+                                       "exact_bytes_limit", "krylov_bytes_limit", "floor_evaluations", "max_radius",
+                                       "rtol"}
+FLOOR_SHAPES = ("auto", "isotropic", "fisher", "adam", "adam-m")
+DEFAULT_TILT = 10.0
 
 
 def check_prior_arguments(prior: PriorSpec, sigma: SigmaSpec, prior_mean: PriorMeanSpec) -> None:
@@ -147,6 +156,8 @@ def resolve_preconditioner(
             raise ValueError("preconditioner_options given without a preconditioner")
         return None, {"name": "isotropic"}
     if isinstance(preconditioner, str):
+        if preconditioner == "ggn":
+            raise ValueError("preconditioner='ggn' is not a diagonal proposal: use resolve_curvature_proposal")
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(f"unknown preconditioner {preconditioner!r}: use one of {PRECONDITIONERS}, a mapping "
                              "name → scales, or a [D] tensor")
@@ -157,17 +168,80 @@ def resolve_preconditioner(
             scales, info = _fisher(model, named, behavior, seed, options)
         return view.flatten(scales, dtype=torch.float64), info
     if options:
-        raise ValueError("preconditioner_options only apply to 'adam', 'adam-m' and 'fisher'")
+        raise ValueError("preconditioner_options only apply to 'adam', 'adam-m', 'fisher' and 'ggn'")
     return _given_scales(preconditioner, view)
 
 
+def resolve_curvature_proposal(
+    view: ParameterView,
+    *,
+    model: nn.Module,
+    behavior: ModelBehavior,
+    cutoff: float,
+    mixture: float,
+    optimizer: Any = None,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[CurvatureProposal, int]:
+    """``preconditioner="ggn"``: the prior tilted by the behaviour's quadratic model, and the forward passes (passes
+    over the eval data) spent building it.
+
+    The curvature Ĝ = U diag(λ) Uᵀ + λ₀ (I − UUᵀ) comes from :func:`hfvolume.models.curvature.curvature_of` (the
+    exact Gauss–Newton matrix of a classifier's KL, else top-k Lanczos pairs, and a floor λ₀ measured on pilot rays
+    orthogonal to U). Near a minimum the region is ≈ {½ xᵀGx ≤ ε}, whose prior mass is set by the whole of G, not
+    by its diagonal (Scherlis & Belrose, arXiv 2501.18812, §4: importance sampling with the curvature).
+    ``options``: curvature_of's knobs (``method``, ``rank``, ``floor``, ``pilot_rays``, ...) and the proposal's:
+
+    * ``tilt`` (default :data:`DEFAULT_TILT`): the multiple of the saddlepoint ŝ used. 1 is the exact tilt of the
+      quadratic model; real regions are bounded by higher-order terms the model lacks, above all along the
+      direction towards the prior mean, which the exact tilt leans into because the prior gains along it linearly
+      in the radius; a stronger tilt leans less and follows the curvature's shape more.
+    * ``floor_shape``: the floor's shape on the D − k directions U leaves out: "isotropic" (λ₀ everywhere), or
+      φ ∝ p⁻² for the scales p of the diagonal proposal "fisher", "adam" or "adam-m" (``floor_shape_options`` are
+      that proposal's options), scaled so that random rays orthogonal to U see λ₀ on average; "auto" (default):
+      "adam" when ``optimizer`` is given, else "fisher". A low-rank U leaves most of the curvature's spread in the
+      complement, where an isotropic floor costs what an isotropic proposal costs.
+    """
+    options = dict(options or {})
+    _check_options("ggn", options, _GGN_OPTIONS)
+    tilt = check_positive("tilt", options.pop("tilt", DEFAULT_TILT))
+    shape_name = check_choice("floor_shape", options.pop("floor_shape", "auto"), FLOOR_SHAPES)
+    if shape_name == "auto":
+        shape_name = "fisher" if optimizer is None else "adam"
+    shape_options = dict(options.pop("floor_shape_options", None) or {})
+    from hfvolume.models.curvature import curvature_of
+
+    with torch.enable_grad():  # the curvature needs Jacobian products; the measurement runs under no_grad
+        curvature, passes = curvature_of(behavior, model=model, cutoff=cutoff, seed=seed, **options)
+    info: dict[str, Any] = {"name": "ggn", "curvature": dict(curvature.info)}
+    shape = None
+    if shape_name != "isotropic":
+        scales, shape_info = resolve_preconditioner(shape_name, view, model=model, optimizer=optimizer,
+                                                    behavior=behavior, seed=seed, options=shape_options)
+        shape = scales.to(torch.float64).pow(-2)  # type: ignore[union-attr]
+        shape_passes = _diagonal_passes(shape_name, shape_options)
+        passes += shape_passes
+        info["floor_shape_source"] = {**shape_info, "forward_passes": shape_passes}
+    info["curvature_forward_passes"] = int(passes)
+    return CurvatureProposal(curvature, mixture=mixture, tilt=tilt, floor_shape=shape, info=info), int(passes)
+
+
+def _diagonal_passes(name: str, options: Mapping[str, Any]) -> int:
+    """Forward-pass equivalents of a diagonal proposal's scales: Adam's state is free; the Fisher diagonal costs one
+    vector-Jacobian pass over the eval data (its forward included) per label sample."""
+    return int(options.get("n_samples", 1)) if name == "fisher" else 0
+
+
 __all__ = [
+    "DEFAULT_TILT",
+    "FLOOR_SHAPES",
     "PRECONDITIONERS",
     "PreconditionerSpec",
     "PriorMeanSpec",
     "PriorSpec",
     "SigmaSpec",
     "check_prior_arguments",
+    "resolve_curvature_proposal",
     "resolve_preconditioner",
     "resolve_prior",
     "resolve_prior_mean",

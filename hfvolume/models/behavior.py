@@ -470,6 +470,21 @@ class ModelBehavior:
         """The materialised batches as given (on the model's device), e.g. for the Fisher proposal."""
         return [b.raw for b in self._batches]
 
+    @property
+    def scored_batches(self) -> list[ScoredBatch]:
+        """The batches with their scored-position masks and cached anchor outputs (read-only use: curvature)."""
+        return list(self._batches)
+
+    @property
+    def scorer(self) -> Any:
+        """The behaviour kind's scorer: how the compared tensor is read from the outputs and scored."""
+        return self._scorer
+
+    @property
+    def causal(self) -> bool:
+        """Whether labels and logits are shifted by one position (a causal language model)."""
+        return bool(self._causal)
+
     def evaluate_along(
         self, theta0: torch.Tensor, directions: torch.Tensor, ts: Sequence[float]
     ) -> torch.Tensor | None:

@@ -18,15 +18,20 @@ its own positional and keyword arguments (:func:`kl_gauss_newton_factor_of_batch
 examples is split into examples, every other argument is passed to each example unchanged. Label entries
 (``labels``, ``shift_labels``) are dropped: the logits do not depend on them.
 
+The Jacobians are reverse-mode; an ``nn.Embedding``'s ``padding_idx`` and ``scale_grad_by_freq`` change its
+backward only (no gradient for the padding row, rows rescaled by frequency) while the forward, and so the KL, uses
+every row: they are switched off while the factor is built (:func:`true_embedding_gradients`).
+
 Memory: the result is N·C·D float64 (8 N C D bytes: 322 MB for the 449-example, 8,970-parameter digits MLP); while
 it is built, one chunk of per-example Jacobians, chunk_size · C · D in the compute dtype, plus the backward passes
 of chunk_size · C vector-Jacobian products, is alive.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -65,6 +70,21 @@ def _selected(model: nn.Module, names: Sequence[str] | None) -> list[tuple[str, 
     if missing or not names:
         raise ValueError(f"params must name parameters of {type(model).__name__}; unknown: {missing[:5] or 'none'}")
     return [(n, own[n]) for n in names]
+
+
+@contextlib.contextmanager
+def true_embedding_gradients(model: nn.Module) -> Iterator[None]:
+    """Within the block, every ``nn.Embedding`` of ``model`` back-propagates the exact transpose of its forward
+    (no ``padding_idx`` row masking, no ``scale_grad_by_freq``, dense gradients); restored on exit, also when the
+    block raises. Forward values are unchanged."""
+    saved = [(m, m.padding_idx, m.scale_grad_by_freq, m.sparse) for m in model.modules() if isinstance(m, nn.Embedding)]
+    try:
+        for m, _, _, _ in saved:
+            m.padding_idx, m.scale_grad_by_freq, m.sparse = None, False, False
+        yield
+    finally:
+        for m, padding_idx, by_freq, sparse in saved:
+            m.padding_idx, m.scale_grad_by_freq, m.sparse = padding_idx, by_freq, sparse
 
 
 def flat_trainable_parameters(model: nn.Module) -> torch.Tensor:
@@ -179,15 +199,17 @@ def kl_gauss_newton_factor_of_batches(
     scale = 1.0 / math.sqrt(total)
     out: torch.Tensor | None = None
     start = 0  # first example of the current chunk, over all batches
-    for batch in batches:
-        for rows in _batch_rows(model, frozen, theta, batch, dtype, chunk_size):  # [b, C, D] float64
-            b, c = rows.shape[0], rows.shape[1]
-            if out is None:
-                out = torch.empty(total * c, d, dtype=torch.float64)
-            elif out.shape[0] != total * c:
-                raise ValueError(f"the number of classes differs between batches ({out.shape[0] // total} and {c})")
-            out[start * c : (start + b) * c] = rows.reshape(b * c, d).mul_(scale)
-            start += b
+    with true_embedding_gradients(model):
+        for batch in batches:
+            for rows in _batch_rows(model, frozen, theta, batch, dtype, chunk_size):  # [b, C, D] float64
+                b, c = rows.shape[0], rows.shape[1]
+                if out is None:
+                    out = torch.empty(total * c, d, dtype=torch.float64)
+                elif out.shape[0] != total * c:
+                    raise ValueError(f"the number of classes differs between batches ({out.shape[0] // total} and "
+                                     f"{c})")
+                out[start * c : (start + b) * c] = rows.reshape(b * c, d).mul_(scale)
+                start += b
     assert out is not None  # internal: every batch has ≥ 1 example
     return out
 
@@ -250,4 +272,5 @@ __all__ = [
     "flat_trainable_parameters",
     "kl_gauss_newton_factor",
     "kl_gauss_newton_factor_of_batches",
+    "true_embedding_gradients",
 ]

@@ -226,3 +226,47 @@ def test_a_callback_reused_in_a_new_trainer_follows_it(tmp_path):
     second.train()
     saved = (tmp_path / "second" / "hfvolume" / "series.json").read_text()
     assert '"step": 2' in saved and first.callback_handler.callbacks[0] is cb
+
+
+# ------------------------------------------------------------------------------------- initialisation health
+def _digits_run(tmp_path, callbacks):
+    from transformers import Trainer, TrainingArguments
+
+    from hfvolume.integrations.demo import DigitsClassifier, digits_datasets
+
+    train, evald = digits_datasets(seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=32,
+                             per_device_eval_batch_size=64, eval_strategy="steps", eval_steps=3, logging_steps=1,
+                             save_strategy="no", report_to=[], seed=1, disable_tqdm=True, use_cpu=True)
+    trainer = Trainer(model=DigitsClassifier(seed=0), args=args, train_dataset=train.select(range(96)),
+                      eval_dataset=evald.select(range(64)), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def test_initialisation_health_report_is_logged_once_and_changes_no_weight(tmp_path):
+    from hfvolume.cumulants import init_health_report
+    from hfvolume.integrations.demo import DigitsClassifier
+
+    options = dict(n_directions=4, measure_on_evaluate=False, write_card=False)
+    cb = LocalVolumeCallback(init_health_report=True, **options)
+    with_report = _digits_run(tmp_path / "a", [cb])
+    without = _digits_run(tmp_path / "b", [LocalVolumeCallback(**options)])
+    entries = [e for e in with_report.state.log_history if "init_mlp_parts" in e]
+    assert len(entries) == 1 and entries[0]["init_mlp_parts"] == 1.0
+    expected = init_health_report(DigitsClassifier(seed=0)).to_dict()  # the weights the run started from
+    assert entries[0]["init_expected_output_std"] == expected["init_expected_output_std"]
+    assert cb.init_health is not None and "Initialisation health" in cb.init_health.to_markdown()
+    a, b = with_report.model.state_dict(), without.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("init_mlp_parts" in e for e in without.state.log_history)
+
+
+def test_initialisation_health_report_skips_models_without_mlp_parts(tmp_path, caplog):
+    cb = LocalVolumeCallback(init_health_report=True, n_directions=4, measure_on_evaluate=False, write_card=False)
+    with caplog.at_level(logging.INFO, logger="hfvolume"):
+        trainer = make_trainer(tmp_path, [cb], max_steps=1, eval_steps=1)
+        trainer.train()
+    assert cb.init_health is None
+    assert not any("init_mlp_parts" in e for e in trainer.state.log_history)
+    assert any("no initialisation-health report" in r.getMessage() for r in caplog.records)

@@ -199,3 +199,10 @@ def test_summary_withholds_the_bootstrap_spread_when_the_tail_is_heavy(capsys):
     text = format_summary(result)
     assert result.pareto_k > 0.7 and "unreliable" in text
     assert "± 123" not in text and "no ± reported" in text and "no finite variance" in text
+
+
+def test_cumulants_subcommand_is_dispatched(tmp_path, capsys):
+    assert main(["cumulants", "--model", str(tmp_path / "missing")]) == 1
+    assert "hfvolume cumulants: error:" in capsys.readouterr().err
+    assert main(["cumulants", "--bogus"]) == 2
+    assert main(["--help"]) == 0 and "cumulants" in capsys.readouterr().out

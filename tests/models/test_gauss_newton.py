@@ -11,7 +11,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hfvolume.models.gauss_newton import flat_trainable_parameters, kl_gauss_newton_factor
+from hfvolume.models.gauss_newton import (
+    ExampleBatch,
+    flat_trainable_parameters,
+    kl_gauss_newton_factor,
+    kl_gauss_newton_factor_of_batches,
+)
 
 N_EXAMPLES, N_IN, N_CLASSES = 7, 4, 3
 EPS64 = torch.finfo(torch.float64).eps
@@ -148,3 +153,77 @@ def test_invalid_uses_are_rejected() -> None:
         kl_gauss_newton_factor(model, x, chunk_size=0)
     with pytest.raises(TypeError, match="inputs"):
         kl_gauss_newton_factor(model, [x])
+
+
+def test_batches_give_the_factor_of_all_their_examples() -> None:
+    model, x = _tiny_mlp(), _inputs()
+    whole = kl_gauss_newton_factor(model, x)
+    parts = [ExampleBatch(args=(x[:3],), n_examples=3), ExampleBatch(args=(x[3:],), n_examples=4)]
+    torch.testing.assert_close(kl_gauss_newton_factor_of_batches(model, parts, chunk_size=2), whole, rtol=1e-13,
+                               atol=0)
+    head = kl_gauss_newton_factor_of_batches(model, parts, params=["2.weight", "2.bias"])
+    torch.testing.assert_close(head, whole[:, 30:], rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="params"):
+        kl_gauss_newton_factor_of_batches(model, parts, params=["nope"])
+    with pytest.raises(ValueError, match="ExampleBatch"):
+        kl_gauss_newton_factor_of_batches(model, [])
+
+
+class _Keywords(nn.Module):
+    """Per-example tensors, a per-batch tensor, a non-tensor switch and labels, by position and keyword."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, *, gain: torch.Tensor, use_cache: bool = True,
+                labels: torch.Tensor | None = None) -> SimpleNamespace:
+        assert labels is None and use_cache is False  # labels are dropped, constants passed through
+        return SimpleNamespace(logits=self.inner(x * gain + offset))
+
+
+def test_constant_arguments_are_passed_to_every_example() -> None:
+    inner, x = _tiny_mlp(), _inputs()
+    offset = torch.tensor([0.5, -0.25, 0.0, 1.0], dtype=torch.float64)  # [N_IN]: not per example
+    gain = torch.linspace(0.5, 1.5, N_EXAMPLES, dtype=torch.float64).unsqueeze(1)  # per example
+    batch = ExampleBatch(args=(x, offset), kwargs={"gain": gain, "use_cache": False, "labels": torch.zeros(7)},
+                         n_examples=N_EXAMPLES)
+    wrapped = _Keywords(copy.deepcopy(inner)).eval()
+    factor = kl_gauss_newton_factor_of_batches(wrapped, [batch])
+    torch.testing.assert_close(factor, kl_gauss_newton_factor(inner, x * gain + offset), rtol=1e-13, atol=1e-16)
+
+
+class _Bag(nn.Module):
+    """Mean of token embeddings (padding_idx = 0) → logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embedding = nn.Embedding(6, 4, padding_idx=0, dtype=torch.float64)
+        with torch.no_grad():
+            self.embedding.weight[0].normal_()  # a padding row that matters for the forward
+        self.head = nn.Linear(4, N_CLASSES, dtype=torch.float64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids).mean(1))
+
+
+def test_padding_rows_get_their_curvature() -> None:
+    """The padding row moves the logits (the forward uses it) though torch's backward gives it no gradient: the
+    factor is the Hessian of the KL in every coordinate, compared with a one-hot reference without padding_idx."""
+    model = _Bag().eval()
+    ids = torch.randint(0, 6, (9, 5), generator=torch.Generator().manual_seed(4))
+    ids[:, 0] = 0
+    factor = kl_gauss_newton_factor(model, ids)
+    one_hot = nn.functional.one_hot(ids, 6).to(torch.float64)
+    log_p0 = torch.log_softmax(model(ids).detach(), dim=-1)
+
+    def mean_kl(theta: torch.Tensor) -> torch.Tensor:
+        w, head_w, head_b = theta[:24].view(6, 4), theta[24:36].view(3, 4), theta[36:]
+        log_p = torch.log_softmax((one_hot @ w).mean(1) @ head_w.T + head_b, dim=-1)
+        return torch.sum(log_p0.exp() * (log_p0 - log_p)) / ids.shape[0]
+
+    hessian = torch.autograd.functional.hessian(mean_kl, flat_trainable_parameters(model))
+    assert float(hessian[:4, :4].abs().max()) > 0  # the padding row has curvature
+    torch.testing.assert_close(factor.T @ factor, hessian, rtol=0, atol=1e3 * EPS64 * float(hessian.abs().max()))
+    assert model.embedding.padding_idx == 0
