@@ -10,6 +10,7 @@ import os as _os
 
 from hfvolume.integrations.callback import LocalVolumeCallback, LocalVolumeConfig, volume_series
 from hfvolume.integrations.modelcard import update_model_card
+from hfvolume.mdl import OnlineCodeCallback, OnlineCodeConfig, prequential_code_length
 from hfvolume.measure.local_volume import estimate_local_volume
 from hfvolume.models.behavior import ModelBehavior
 from hfvolume.models.fisher import fisher_diagonal
@@ -32,6 +33,8 @@ __all__ = [
     "LocalVolumeConfig",
     "METRIC_PATH",
     "ModelBehavior",
+    "OnlineCodeCallback",
+    "OnlineCodeConfig",
     "ParameterView",
     "RelativeEps",
     "UniformPrior",
@@ -42,6 +45,7 @@ __all__ = [
     "estimate_log_volume",
     "fisher_diagonal",
     "optimizer_state_from_checkpoint",
+    "prequential_code_length",
     "update_model_card",
     "volume_series",
 ]

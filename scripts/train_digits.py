@@ -7,8 +7,10 @@
 
 Everything is offline: scikit-learn ships the 1,797 digit images. Each evaluation prints the information content;
 ``output_dir`` receives the Trainer's outputs (model, trainer_state.json), ``hfvolume/series.json`` (the series),
-``hfvolume/information_content.png`` (the plot over training steps) and a README.md model card with hfvolume's
-section. Arguments: the fields of :class:`DigitsRunArguments` and of :class:`hfvolume.LocalVolumeConfig`.
+``hfvolume/information_content.png`` (the plot over training steps), the online code length of the training labels
+(``hfvolume/code_length.json``; ``hfvolume/information.png`` plots information content and the information transfer
+L_IT on one step axis) and a README.md model card with hfvolume's section. Arguments: the fields of
+:class:`DigitsRunArguments`, :class:`hfvolume.LocalVolumeConfig` and :class:`hfvolume.OnlineCodeConfig`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Optional, Sequence
 
 from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from hfvolume import LocalVolumeCallback, LocalVolumeConfig, volume_series
+from hfvolume import LocalVolumeCallback, LocalVolumeConfig, OnlineCodeCallback, OnlineCodeConfig, volume_series
 from hfvolume.integrations.demo import DigitsClassifier, digits_datasets
 
 
@@ -34,13 +36,22 @@ class DigitsRunArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     corrupt_fraction: float = field(default=0.0, metadata={"help": "share of training labels randomised"})
     seed: int = field(default=0, metadata={"help": "data split, initialisation and shuffling seed"})
-    no_volume: bool = field(default=False, metadata={"help": "train without the callback (timing baseline)"})
+    no_volume: bool = field(default=False, metadata={"help": "train without the callbacks (timing baseline)"})
+    no_code: bool = field(default=False, metadata={"help": "train without the online code length (L_IT)"})
     progress: bool = field(default=False, metadata={"help": "show the Trainer's progress bars"})
 
 
 class PrintEvaluations(TrainerCallback):
-    """One line per evaluation: step, eval loss and accuracy, and the information content as the bound that holds
-    whatever the weights' tails (95%), the estimate, and Pareto k̂; a ± only where it is meaningful (k̂ < 0.5)."""
+    """One line per evaluation: step, eval loss and accuracy, the information content as the bound that holds
+    whatever the weights' tails (95%), the estimate, and Pareto k̂ (a ± only where it is meaningful, k̂ < 0.5), and the
+    information transfer L_IT of the labels coded so far (the online code's latest training log)."""
+
+    def __init__(self) -> None:
+        self.transfer_bits = math.nan
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "information_transfer_bits" in logs:
+            self.transfer_bits = logs["information_transfer_bits"]
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero or not metrics:
@@ -61,6 +72,8 @@ class PrintEvaluations(TrainerCallback):
         line += (f"  information content ≤ {bound_bits:,.0f} bits (95%), estimate "
                  f"{metrics['eval_information_content_bits']:,.0f}{spread} ({verdict}, "
                  f"{metrics['eval_volume_seconds']:.2f} s)")
+        if math.isfinite(self.transfer_bits):
+            line += f"  L_IT {self.transfer_bits:,.0f} bits"
         print(line, flush=True)
 
 
@@ -69,7 +82,7 @@ def _accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-def run(run_args: DigitsRunArguments, volume: LocalVolumeConfig) -> dict:
+def run(run_args: DigitsRunArguments, volume: LocalVolumeConfig, code: OnlineCodeConfig | None = None) -> dict:
     """Train, measure at each evaluation, write the outputs; returns a small JSON-safe summary."""
     if run_args.epochs < 1 or run_args.evaluations < 1:
         raise ValueError(f"epochs and evaluations must be ≥ 1, got {run_args.epochs}, {run_args.evaluations}")
@@ -94,6 +107,8 @@ def run(run_args: DigitsRunArguments, volume: LocalVolumeConfig) -> dict:
     callbacks: list[TrainerCallback] = [PrintEvaluations()]
     if not run_args.no_volume:
         callbacks.insert(0, LocalVolumeCallback(volume))
+        if not run_args.no_code:
+            callbacks.insert(1, OnlineCodeCallback(code or OnlineCodeConfig()))
     trainer = Trainer(model=DigitsClassifier(seed=run_args.seed), args=args, train_dataset=train,
                       eval_dataset=evald, compute_metrics=_accuracy, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # PrintEvaluations prints one readable line per evaluation instead
@@ -108,16 +123,19 @@ def run(run_args: DigitsRunArguments, volume: LocalVolumeConfig) -> dict:
         summary["series"] = [{"step": p["step"], "information_content_bits": p["information_content_bits"]}
                              for p in series]
         plot = out / "hfvolume" / "information_content.png"
-        print(f"\nseries: {out / 'hfvolume' / 'series.json'}\nplot:   {plot if plot.exists() else '(none)'}\n"
-              f"card:   {out / 'README.md'}")
+        both = out / "hfvolume" / "information.png"
+        print(f"\nseries: {out / 'hfvolume' / 'series.json'}\nplot:   {plot if plot.exists() else '(none)'}"
+              + (f"\nplot:   {both} (information content and L_IT)" if both.exists() else "")
+              + f"\ncard:   {out / 'README.md'}")
     print(f"training took {seconds:.1f} s ({steps} steps)")
     return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = HfArgumentParser((DigitsRunArguments, LocalVolumeConfig), description=__doc__.splitlines()[0])
-    run_args, volume = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
-    return run(run_args, volume)
+    parser = HfArgumentParser((DigitsRunArguments, LocalVolumeConfig, OnlineCodeConfig),
+                              description=__doc__.splitlines()[0])
+    run_args, volume, code = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
+    return run(run_args, volume, code)
 
 
 if __name__ == "__main__":

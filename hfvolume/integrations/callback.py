@@ -493,16 +493,18 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             elif points:
                 self.series_by_prefix[prefix] = points
 
-    def _save(self, what: str, write: Callable[[], Any]) -> None:
-        """Run a file writer; an error (a path that is a file or a directory, disk full, permissions) is shown once
-        per run and never stops training (``strict=True`` re-raises)."""
+    def _save(self, what: str, write: Callable[[], Any]) -> Any:
+        """Run a file writer and return what it returns; an error (a path that is a file or a directory, disk
+        full, permissions) is shown once per run, returns None and never stops training (``strict=True``
+        re-raises)."""
         try:
-            write()
+            return write()
         except Exception as err:  # noqa: BLE001 - a file problem must not fail the training run
             if self.config.strict:
                 raise
             self._warn_once(f"save:{what}", "hfvolume: could not write %s: %s: %s (training continues; the values "
                             "stay in memory on the callback)", what, type(err).__name__, err)
+            return None
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
         if key not in self._warned:
@@ -516,7 +518,44 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         complete = [p for p in self.series if "log_volume_lower_bound" in p and "ess" in p]
         if complete:
             plot = importlib.util.find_spec("matplotlib") is not None
-            self._save("the model card section", lambda: card_from_trainer_output(output_dir, complete, plot=plot))
+            extras = self._extra_card_sections(output_dir, complete, plot=plot)
+            self._save("the model card section",
+                       lambda: card_from_trainer_output(output_dir, complete, plot=plot, extra_sections=extras))
+
+    def _extra_card_sections(self, output_dir: str | os.PathLike[str], series: list[dict[str, Any]], *,
+                             plot: bool) -> tuple[str, ...]:
+        """Sub-sections of the other measures of this run: the initialisation-health report (if asked for) and the
+        online code length of an :class:`hfvolume.OnlineCodeCallback` in the same Trainer, with the two-panel plot
+        of information content and L_IT over training."""
+        extras: list[str] = []
+        if self.init_health is not None:
+            extras.append(self.init_health.to_markdown())
+        code = self._online_code_callback()
+        if code is not None:
+            extras.append(self._online_code_section(code, output_dir, series, plot=plot))
+        return tuple(x for x in extras if x)
+
+    def _online_code_callback(self) -> Any:
+        from hfvolume.mdl import OnlineCodeCallback
+
+        handler = getattr(self._trainer, "callback_handler", None)
+        found = [cb for cb in getattr(handler, "callbacks", ()) if isinstance(cb, OnlineCodeCallback)]
+        return found[0] if found else None
+
+    def _online_code_section(self, code: Any, output_dir: str | os.PathLike[str], series: list[dict[str, Any]], *,
+                             plot: bool) -> str:
+        from hfvolume.mdl.card import plot_information, render_code_section
+
+        plot_rel = None
+        code_points = [p for p in code.series if "information_transfer_bits" in p]
+        if plot and code_points:
+            target = os.path.join(output_dir, INFORMATION_PLOT_FILE)
+            drawn = self._save("the information plot", lambda: plot_information(series, code_points, target))
+            plot_rel = INFORMATION_PLOT_FILE if drawn else None
+        return render_code_section(code.summary(), plot_path=plot_rel)
+
+
+INFORMATION_PLOT_FILE = "hfvolume/information.png"  # two panels: information content and L_IT over training
 
 
 def _failure_values(args: Any, prefix: str) -> dict[str, float]:

@@ -258,18 +258,20 @@ def write_result(result: VolumeResult, info: dict[str, Any], output_dir: str) ->
     return path
 
 
-COMMANDS = ("estimate", "cumulants")
-USAGE = ("usage: hfvolume {estimate,cumulants} [options]   (hfvolume COMMAND --help for the options; "
+COMMANDS = ("estimate", "prequential", "cumulants")
+USAGE = ("usage: hfvolume {estimate,prequential,cumulants} [options]   (hfvolume COMMAND --help for the options; "
          "hfvolume --version)\n"
-         "  estimate    local volume and information content of a model (default: the bundled digits MLP)\n"
-         "  cumulants   expected output and dead/linear units of a model's MLP parts over Gaussian inputs")
+         "  estimate      local volume and information content of a model (default: the bundled digits MLP)\n"
+         "  prequential   block-wise prequential code length and information transfer of a model on a data file\n"
+         "  cumulants     expected output and dead/linear units of a model's MLP parts over Gaussian inputs")
 
 
 def _other_command(command: str, rest: Sequence[str]) -> int:
     """Commands whose code lives in their own subpackage; argparse's usage errors become exit status 2."""
-    from hfvolume.cumulants.report import run_cli
+    from hfvolume.cumulants.report import run_cli as cumulants
+    from hfvolume.mdl.cli import run_cli as prequential
 
-    runners = {"cumulants": run_cli}
+    runners = {"cumulants": cumulants, "prequential": prequential}
     try:
         return runners[command](list(rest))
     except SystemExit as exit_:

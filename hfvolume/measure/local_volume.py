@@ -111,7 +111,13 @@ class _ProposalInputs:
 def _proposal_inputs(preconditioner: PreconditionerSpec, view: ParameterView, *, model: nn.Module, fn: Any,
                      optimizer: Any, mixture: float, cutoff: float, seed: int,
                      options: Mapping[str, Any] | None) -> _ProposalInputs:
-    """``"ggn"`` builds the curvature proposal (the mixture goes inside it); everything else gives scales."""
+    """``"ggn"`` builds the curvature proposal (the mixture goes inside it), a prebuilt one is used as given (its
+    cost was paid when it was built); everything else gives scales."""
+    if isinstance(preconditioner, CurvatureProposal):
+        if options or mixture:
+            raise ValueError("a prebuilt CurvatureProposal carries its own options and mixture: leave "
+                             "preconditioner_options and mixture unset")
+        return _ProposalInputs(None, None, 0.0, preconditioner)
     if isinstance(preconditioner, str) and preconditioner == "ggn":
         begin = time.perf_counter()
         proposal, passes = resolve_curvature_proposal(view, model=model, behavior=fn, cutoff=cutoff, mixture=mixture,
@@ -176,7 +182,10 @@ def estimate_local_volume(
             Fisher), "ggn" (the prior tilted by the behaviour's Gauss–Newton curvature, low rank plus a floor
             measured on pilot rays: :class:`hfvolume.volume.tilted.CurvatureProposal`; the curvature's forward
             passes are added to the result's, and its rank, floor and tilt are in ``settings["proposal"]``), a
-            mapping name → tensor of per-coordinate scales or name → float, or a ``[D]`` tensor.
+            mapping name → tensor of per-coordinate scales or name → float, a ``[D]`` tensor, or a prebuilt
+            :class:`~hfvolume.volume.tilted.CurvatureProposal` (e.g. from
+            :func:`hfvolume.measure.options.resolve_curvature_proposal`, reused across seeds; its cost is not
+            counted again).
         optimizer: the training optimizer, for optimizer-state proposals.
         mixture: defensive-mixture fraction α of isotropic directions.
         params: "trainable" (default: parameters with ``requires_grad``), "all", a list of names, or a predicate.

@@ -20,7 +20,7 @@ from hfvolume.volume.tilted import CurvatureProposal
 
 SigmaSpec = Union[None, str, float, Mapping[str, float], torch.Tensor]
 PriorMeanSpec = Union[None, Mapping[str, torch.Tensor], nn.Module, torch.Tensor]
-PreconditionerSpec = Union[None, str, Mapping[str, Any], torch.Tensor]
+PreconditionerSpec = Union[None, str, Mapping[str, Any], torch.Tensor, CurvatureProposal]
 PriorSpec = Union[str, GaussianPrior, UniformPrior]
 
 PRECONDITIONERS = ("adam", "adam-m", "fisher", "ggn")

@@ -131,7 +131,7 @@ def solve_group_saddlepoint(groups: ChiSquareGroups, q: float) -> float:
 
         far = max(float(np.sum(groups.counts)) / q,
                   math.sqrt(float(np.sum(groups.noncentralities / a)) / (2.0 * q)))
-        near = (math.sqrt(mean / q) - 1.0) / (2.0 * a_max)
+        near = max((math.sqrt(mean / q) - 1.0) / (2.0 * a_max), 1e-300)  # q a hair below the mean: ŝ ≈ 0⁻
         return -math.exp(_bracketed_newton(lower, math.log(near), math.log(far)))
     ratio = a / a_max
 
@@ -283,7 +283,7 @@ def _inverse_variance(sigma: Union[float, torch.Tensor]) -> Union[float, torch.T
 class TiltedProposal:
     """The prior N(m, diag(s²)) tilted by e^{ŝ xᵀĜx}, as a distribution of unit directions (module docstring).
 
-    P = G⁻¹(I + B diag(ν) Bᵀ)G⁻¹ with G = diag(g); h = Pμ_s.
+    P = Γ⁻¹(I + B diag(ν) Bᵀ)Γ⁻¹ with Γ = diag(g); h = Pμ_s.
     scale: g, a number or ``[D]`` float64. basis: B ``[D, k]`` orthonormal float64. nu: ν ``[k]`` (> −1).
     h: ``[D]`` float64 diag(1/s²)(m − θ0). mean: μ_s ``[D]`` float64, relative to θ0.
     log_const: log|S^{D−1}| + c, nats (c as in the module docstring). mixture: α. info: JSON-safe description.
@@ -343,7 +343,7 @@ class TiltedProposal:
         return {**self.info, "mixture": float(self.mixture)}
 
     def sample(self, z: torch.Tensor) -> torch.Tensor:
-        """x = μ_s + L z with L Lᵀ = Σ_s, L = G(I + B diag((1 + ν)^{−½} − 1) Bᵀ): ``[D]`` float64 from a ``[D]``
+        """x = μ_s + L z with L Lᵀ = Σ_s, L = Γ(I + B diag((1 + ν)^{−½} − 1) Bᵀ): ``[D]`` float64 from a ``[D]``
         standard normal z."""
         f = torch.rsqrt(1.0 + self.nu) - 1.0
         return self.mean + (z + self.basis @ (f * (self.basis.T @ z))) * self.scale

@@ -105,3 +105,20 @@ def test_bad_options_fail_fast(make_mlp, options, exc, match):
 def test_uniform_prior_is_refused_with_the_alternative(make_mlp):
     with pytest.raises(ValueError, match="diagonal proposal"):
         ggn(make_mlp(), prior="uniform", preconditioner_options={"floor_shape": "isotropic", "pilot_rays": 2})
+
+
+def test_a_prebuilt_curvature_proposal_is_used_as_given(make_mlp):
+    from hfvolume.measure.options import resolve_curvature_proposal
+    from hfvolume.models.behavior import ModelBehavior
+
+    model = make_mlp()
+    options = {"floor_shape": "isotropic", "pilot_rays": 2}
+    inline = ggn(model, preconditioner_options=options)
+    fn = ModelBehavior(model, data())
+    spec, cost = resolve_curvature_proposal(fn.view, model=model, behavior=fn, cutoff=1e-2, mixture=0.0,
+                                            options=options)
+    reused = estimate_local_volume(model, data(), preconditioner=spec, n_directions=8, progress=False)
+    assert reused.log_estimates == inline.log_estimates
+    assert reused.forward_passes + cost == inline.forward_passes  # paid once, when it was built
+    with pytest.raises(ValueError, match="prebuilt CurvatureProposal"):
+        estimate_local_volume(model, data(), preconditioner=spec, mixture=0.5, progress=False)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from hfvolume.integrations.modelcard.metadata import HFVOLUME_TAG
 from hfvolume.integrations.modelcard.plot import can_plot, write_plot
@@ -73,6 +73,7 @@ class _CardOptions:
     dataset_type: str | None
     dataset_name: str | None
     repo_type: str
+    extra_sections: tuple[str, ...] = ()
 
     def plot_path(self, points: list[VolumePoint]) -> str | None:
         return PLOT_PATH_IN_REPO if self.plot and can_plot(points) else None
@@ -87,6 +88,7 @@ class _CardOptions:
             dataset_type=self.dataset_type,
             dataset_name=self.dataset_name,
             repo_type=self.repo_type,
+            extra_sections=self.extra_sections,
         )
 
 
@@ -133,6 +135,7 @@ def update_model_card(
     max_retries: int = 3,
     endpoint: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> CardUpdate:
     """Put hfvolume's section, tag and ``model-index`` results into a model card, locally or on the Hub.
 
@@ -168,6 +171,8 @@ def update_model_card(
         max_retries: retries after a conflict or a transient error (attempts = ``max_retries + 1``).
         endpoint: Hub endpoint (default: huggingface_hub's, i.e. ``HF_ENDPOINT`` at import time).
         cache_dir: where the README download is cached (default: a temporary directory removed afterwards).
+        extra_sections: Markdown sub-sections of other measures of the same run (e.g. the online code length from
+            :class:`hfvolume.OnlineCodeCallback`), placed at the end of hfvolume's section.
 
     Returns:
         A :class:`CardUpdate`. ``changed=False`` means nothing was written or committed.
@@ -180,7 +185,7 @@ def update_model_card(
     target = resolve_target(path_or_repo_id, repo_type=repo_type)
     # An hf://datasets/… target sets the repo type, which decides whether model-index results are written.
     options = _CardOptions(_plot_available(check_bool("plot", plot)), model_name, task_type, dataset_type,
-                           dataset_name, target.repo_type)
+                           dataset_name, target.repo_type, tuple(extra_sections))
     points = normalize_series(result_or_series)
     if target.readme is not None:
         return _update_local(points, target.readme, target, options)
@@ -409,6 +414,7 @@ def card_from_trainer_output(
     task_type: str | None = None,
     dataset_type: str | None = None,
     dataset_name: str | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> CardUpdate:
     """(Re)write hfvolume's section into ``output_dir/README.md`` after the Trainer (re)generated that file.
 
@@ -432,6 +438,7 @@ def card_from_trainer_output(
         task_type=task_type,
         dataset_type=dataset_type,
         dataset_name=dataset_name,
+        extra_sections=extra_sections,
     )
 
 

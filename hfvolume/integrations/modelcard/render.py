@@ -234,6 +234,7 @@ def render_card_section(
     *,
     plot_path: str | None = None,
     model_name: str | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> str:
     """Markdown for hfvolume's section of a model card, from :data:`START_MARKER` to :data:`END_MARKER`.
 
@@ -241,17 +242,21 @@ def render_card_section(
     content (bits, at the stated confidence), the point estimate, the Pareto k̂ verdict, and a ± only when
     k̂ < 1/2. With several points the section adds a table of the series over training; ``plot_path`` (relative to
     the card, e.g. ``hfvolume/information_content.png``) adds the plot's image link: the series over training, or
-    for one estimate the running estimate over the directions. Lines end with ``\\n``, and there is no trailing
-    newline after the end marker.
+    for one estimate the running estimate over the directions. ``extra_sections``: Markdown sub-sections of other
+    measures hfvolume took of the same run (the online code length, the initialisation-health report), placed at
+    the end of the section. Lines end with ``\\n``, and there is no trailing newline after the end marker.
     """
     points = normalize_series(result_or_series)
     last = points[-1]
     series_block = ""
     if len(points) > 1 or plot_path:
         series_block = "\n" + _series_block(points, plot_path)
+    extras = [x.strip().replace("\r\n", "\n") for x in extra_sections if x and x.strip()]
+    if extras:
+        series_block += "\n" + "\n\n".join(extras) + "\n"
     return string.Template(SECTION_TEMPLATE).substitute(
         version=version(),
-        digest=render_digest(points)[:16],
+        digest=render_digest(points, extras)[:16],
         headline=_headline(points, model_name),
         estimate_table=_estimate_table(last),
         uncertainty=_uncertainty(last),

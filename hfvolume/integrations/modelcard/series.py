@@ -261,12 +261,17 @@ def series_hash(series: SeriesLike) -> str:
     return _sha256(payload)
 
 
-def render_digest(points: Sequence[VolumePoint]) -> str:
+def render_digest(points: Sequence[VolumePoint], extra_sections: Sequence[str] = ()) -> str:
     """SHA-256 (hex) of everything the section and the plot are drawn from, and of :data:`RENDER_FORMAT`.
 
     The card records it and the PNG stores it, so an unchanged series is neither re-committed nor redrawn.
+    Extra sub-sections (other measures of the run) count only when there are some, so cards without them keep
+    their digest.
     """
-    return _sha256({"format": RENDER_FORMAT, "series": [p.to_dict() for p in points]})
+    payload: dict[str, Any] = {"format": RENDER_FORMAT, "series": [p.to_dict() for p in points]}
+    if extra_sections:
+        payload["extra_sections"] = list(extra_sections)
+    return _sha256(payload)
 
 
 def _sha256(payload: Any) -> str:

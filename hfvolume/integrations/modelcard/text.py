@@ -10,7 +10,7 @@ own ``metadata_save`` does, and a card with CR-only (classic Mac) line endings i
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from hfvolume.integrations.modelcard.metadata import (
     default_model_name,
@@ -161,6 +161,7 @@ def update_card_text(
     dataset_type: str | None = None,
     dataset_name: str | None = None,
     repo_type: str = "model",
+    extra_sections: Sequence[str] = (),
 ) -> str:
     """Return ``card_text`` with hfvolume's section, tag and (model repos) ``model-index`` results updated.
 
@@ -182,7 +183,8 @@ def update_card_text(
     match, meta, body = _split_front_matter(text)
     model_name = model_name or default_model_name(meta) or "model"
 
-    section = render_card_section(points, plot_path=plot_path, model_name=model_name).replace("\n", eol)
+    section = render_card_section(points, plot_path=plot_path, model_name=model_name,
+                                  extra_sections=extra_sections).replace("\n", eol)
     if card_text is None:
         body = f"{eol}# {model_name}{eol}{eol}{section}{eol}"
     else:

@@ -120,3 +120,16 @@ def test_example_card_is_current() -> None:
     assert md.read_text(encoding="utf-8") == _example_card(), (
         "model_cards/example_digits_mlp.md is stale: rerun with HFVOLUME_REGENERATE_EXAMPLES=1"
     )
+
+
+def test_extra_sections_close_the_section_and_change_its_digest():
+    from hfvolume.integrations.modelcard.render import END_MARKER, render_card_section
+
+    point = make_result(-4800.0)
+    plain = render_card_section(point)
+    extra = "### Online code length\n\n| Quantity | Value |\n|---|---:|\n| L_IT | 12 |"
+    with_extra = render_card_section(point, extra_sections=[extra, "  "])
+    assert with_extra.endswith(extra + "\n" + END_MARKER)
+    assert extra not in plain and with_extra.count("### Online code length") == 1
+    digest = [line for line in plain.splitlines() if "card-sha256=" in line]
+    assert digest and digest[0] not in with_extra  # an update that only changes the sub-section is not skipped
