@@ -66,11 +66,11 @@ from hfvolume.integrations.callback_files import (
     write_series,
 )
 from hfvolume.integrations.callback_logging import once_per_run, trainer_log_level
+from hfvolume.integrations.callback_sections import extra_card_sections, report_init_health
 from hfvolume.measure.local_volume import estimate_local_volume
 from hfvolume.models.batches import materialize_batches
 from hfvolume.models.optim_state import has_adam_state
 from hfvolume.models.params import ParameterView, rms
-from hfvolume.models.state import preserved_state
 from hfvolume.parallel.distributed import resolve_sharding
 from hfvolume.volume.results import VolumeResult
 
@@ -220,7 +220,8 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             logger.warning("hfvolume: cannot set up the prior of this run's measurements: %s (training continues; "
                            "every measurement of this run will fail)", self._setup_error)
         if self.config.init_health_report and model is not None:
-            self._report_init_health(state, model)
+            self.init_health = report_init_health(model, trainer=self._trainer, state=state,
+                                                  strict=self.config.strict)
 
     @_event()
     def on_step_end(self, args, state, control, **kwargs):
@@ -252,35 +253,6 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
             self._measure_and_log(args, state, kwargs)
         if self.config.write_card and self.series and state.is_world_process_zero:
             self.write_card(args.output_dir)
-
-    def _report_init_health(self, state: Any, model: Any) -> None:
-        """Cumulant propagation through the model's MLP parts at train begin, once per run: logged through the
-        Trainer (keys ``init_*``) and kept for the card. Deterministic and sampling-free, so it moves no random state;
-        a model without MLP parts, or any error, is reported and training goes on."""
-        from hfvolume.cumulants import UnsupportedModelError, init_health_report
-
-        try:
-            with preserved_state(model):
-                report = init_health_report(model)
-        except UnsupportedModelError as err:
-            logger.info("hfvolume: no initialisation-health report: %s", err)
-            return
-        except Exception as err:  # noqa: BLE001 - a diagnostic must never stop training
-            if self.config.strict:
-                raise
-            logger.warning("hfvolume: initialisation-health report failed: %s: %s (training continues)",
-                           type(err).__name__, err)
-            return
-        if not report.parts:
-            logger.info("hfvolume: no initialisation-health report: the model has no MLP part")
-            return
-        self.init_health = report
-        values = report.to_dict()
-        logger.info("hfvolume: initialisation health: std of E[f] %.4g, dead units %.3f, linear units %.3f",
-                    values["init_expected_output_std"], values["init_dead_unit_fraction"],
-                    values["init_linear_unit_fraction"])
-        if self._trainer is not None and state.is_world_process_zero:
-            self._trainer.log(values)
 
     # --------------------------------------------------------------------------------------------- measuring
     def _target_for(self, prefix: str) -> EvalTarget | None:
@@ -518,44 +490,9 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         complete = [p for p in self.series if "log_volume_lower_bound" in p and "ess" in p]
         if complete:
             plot = importlib.util.find_spec("matplotlib") is not None
-            extras = self._extra_card_sections(output_dir, complete, plot=plot)
+            extras = extra_card_sections(self, output_dir, complete, plot=plot)
             self._save("the model card section",
                        lambda: card_from_trainer_output(output_dir, complete, plot=plot, extra_sections=extras))
-
-    def _extra_card_sections(self, output_dir: str | os.PathLike[str], series: list[dict[str, Any]], *,
-                             plot: bool) -> tuple[str, ...]:
-        """Sub-sections of the other measures of this run: the initialisation-health report (if asked for) and the
-        online code length of an :class:`hfvolume.OnlineCodeCallback` in the same Trainer, with the two-panel plot
-        of information content and L_IT over training."""
-        extras: list[str] = []
-        if self.init_health is not None:
-            extras.append(self.init_health.to_markdown())
-        code = self._online_code_callback()
-        if code is not None:
-            extras.append(self._online_code_section(code, output_dir, series, plot=plot))
-        return tuple(x for x in extras if x)
-
-    def _online_code_callback(self) -> Any:
-        from hfvolume.mdl import OnlineCodeCallback
-
-        handler = getattr(self._trainer, "callback_handler", None)
-        found = [cb for cb in getattr(handler, "callbacks", ()) if isinstance(cb, OnlineCodeCallback)]
-        return found[0] if found else None
-
-    def _online_code_section(self, code: Any, output_dir: str | os.PathLike[str], series: list[dict[str, Any]], *,
-                             plot: bool) -> str:
-        from hfvolume.mdl.card import plot_information, render_code_section
-
-        plot_rel = None
-        code_points = [p for p in code.series if "information_transfer_bits" in p]
-        if plot and code_points:
-            target = os.path.join(output_dir, INFORMATION_PLOT_FILE)
-            drawn = self._save("the information plot", lambda: plot_information(series, code_points, target))
-            plot_rel = INFORMATION_PLOT_FILE if drawn else None
-        return render_code_section(code.summary(), plot_path=plot_rel)
-
-
-INFORMATION_PLOT_FILE = "hfvolume/information.png"  # two panels: information content and L_IT over training
 
 
 def _failure_values(args: Any, prefix: str) -> dict[str, float]:

@@ -36,6 +36,12 @@ def test_short_run_writes_series_plot_and_card(script, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "<!-- hfvolume:start -->" in card
     assert (out / "model.safetensors").is_file()
+    # Both measures: L_IT in the printed lines, the two-panel plot, and the online code inside hfvolume's section.
+    assert all("L_IT" in line for line in lines)
+    assert (out / "hfvolume" / "information.png").read_bytes().startswith(b"\x89PNG")
+    section = card.split("<!-- hfvolume:start -->", 1)[1].split("<!-- hfvolume:end -->", 1)[0]
+    assert "L_IT" in section and "](hfvolume/information.png)" in section
+    assert "± nan" not in printed and "± nan" not in card
 
 
 def test_without_callback_and_bad_arguments(script, tmp_path):
