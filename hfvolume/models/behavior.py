@@ -63,6 +63,13 @@ from hfvolume.volume.estimator import perturbation_dtype  # one rule for the row
 
 logger = logging.getLogger("hfvolume")
 
+RANDOM_FORWARD_MESSAGE = (
+    "the model draws random numbers in eval mode (e.g. Monte-Carlo dropout or a noise layer), so its behaviour - and "
+    "the region whose volume is measured - would depend on the global random seed. Make its eval-mode forward "
+    "deterministic (disable the noise layers or give them an eval behaviour), or pass behavior= a callable that "
+    "fixes the randomness"
+)
+
 # torch warns once that scaled_dot_product_attention has no vmap batching rule and runs it row by row; that is
 # expected here (and is what keeps the rows independent), so it is not shown to users.
 _SDPA_FALLBACK_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
@@ -320,7 +327,15 @@ class ModelBehavior:
 
     # ------------------------------------------------------------------------------------------ anchor
     def _probe(self, theta0: torch.Tensor, batch: ScoredBatch, largest: LargestOutput) -> torch.Tensor:
-        """The anchor on the first batch, which also decides whether vmap works on this model at all."""
+        """The anchor on the first batch, which also decides whether vmap works on this model at all, and refuses a
+        forward that draws random numbers in eval mode (vmap's randomness check, or torch's generator moving)."""
+        before = torch.random.get_rng_state()
+        out = self._probe_path(theta0, batch, largest)
+        if not torch.equal(before, torch.random.get_rng_state()):
+            raise ValueError(RANDOM_FORWARD_MESSAGE)
+        return out
+
+    def _probe_path(self, theta0: torch.Tensor, batch: ScoredBatch, largest: LargestOutput) -> torch.Tensor:
         if self._path != "vmap":
             return self._run(theta0, batch)
         try:
@@ -328,6 +343,8 @@ class ModelBehavior:
         except ScoringError:
             raise
         except Exception as err:  # not vmappable: fall back for the life of this object
+            if "randomness" in str(err) and "random" in str(err):
+                raise ValueError(RANDOM_FORWARD_MESSAGE) from err
             self._vmap_error = f"{type(err).__name__}: {err}"[:500]
             logger.debug("vmap over parameter rows failed (%s); using the per-row loop", self._vmap_error)
             self._path = "loop"

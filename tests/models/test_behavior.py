@@ -749,3 +749,23 @@ def test_kl_terms_where_the_anchor_has_zero_probability_are_zero(make_mlp, use_v
         assert math.isfinite(got[k].item()) and abs(got[k].item() - expected) <= tol
     plain = ModelBehavior(make_mlp(), [x])
     assert not plain._batches[0].p0_has_zeros  # nothing underflows: the mask is skipped
+
+
+class _Noisy(nn.Module):
+    """Adds Gaussian noise in eval mode too (a Monte-Carlo-style layer): its behaviour is random."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out + 0.01 * torch.randn_like(out)
+
+
+@pytest.mark.parametrize("use_vmap", [True, False])
+def test_a_forward_that_draws_random_numbers_is_refused_with_the_fix(make_mlp, use_vmap):
+    model = _Noisy(make_mlp()).eval()
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="draws random numbers in eval mode"):
+        ModelBehavior(model, [x], use_vmap=use_vmap)
