@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.utils import is_matplotlib_available
 
 from hfvolume.integrations import trainer_binding as binding
 from hfvolume.integrations.callback_config import (
@@ -489,7 +489,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
 
         complete = [p for p in self.series if "log_volume_lower_bound" in p and "ess" in p]
         if complete:
-            plot = importlib.util.find_spec("matplotlib") is not None
+            plot = is_matplotlib_available()
             extras = extra_card_sections(self, output_dir, complete, plot=plot)
             self._save("the model card section",
                        lambda: card_from_trainer_output(output_dir, complete, plot=plot, extra_sections=extras))
