@@ -305,12 +305,15 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_script_under_two_processes_matches_the_cli(tmp_path):
+@pytest.mark.parametrize("launched", ["script", "module"])
+def test_script_under_two_processes_matches_the_cli(tmp_path, launched):
     from hfvolume.integrations.cli import main as cli_main
 
     args = ["--model", "problems:tiny_lm", "--n_directions", "6", "--progress", "false"]
-    proc = torchrun([str(REPO / "scripts" / "estimate_volume.py"), *args, "--output", str(tmp_path / "two")],
-                     cwd=tmp_path)
+    # The accelerate script, or the installed command as a module (`torchrun -m hfvolume estimate`, the same as
+    # `accelerate launch -m hfvolume estimate`): both join the launcher's group and split the directions.
+    target = [str(REPO / "scripts" / "estimate_volume.py")] if launched == "script" else ["-m", "hfvolume", "estimate"]
+    proc = torchrun([*target, *args, "--output", str(tmp_path / "two")], cwd=tmp_path)
     assert proc.stdout.count("information content") == 1  # rank 0 prints, rank 1 does not
     assert "2 process(es), backend gloo" in proc.stdout
     with one_thread():
