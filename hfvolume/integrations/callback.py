@@ -17,7 +17,6 @@ callback trains exactly as one without it.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -72,6 +71,7 @@ from hfvolume.models.batches import materialize_batches
 from hfvolume.models.optim_state import has_adam_state
 from hfvolume.models.params import ParameterView, rms
 from hfvolume.parallel.distributed import resolve_sharding
+from hfvolume.volume.checks import config_with_overrides
 from hfvolume.volume.results import VolumeResult
 
 logger = logging.getLogger("hfvolume")
@@ -128,14 +128,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
     _restored_from_checkpoint = False  # set on the copies the Trainer builds from a checkpoint's exported state
 
     def __init__(self, config: LocalVolumeConfig | None = None, **kwargs: Any) -> None:
-        if config is not None and not isinstance(config, LocalVolumeConfig):
-            raise TypeError(f"config must be a LocalVolumeConfig, got {type(config).__name__}")
-        known = {f.name for f in dataclasses.fields(LocalVolumeConfig)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown LocalVolumeCallback arguments {unknown}; known: {sorted(known)}")
-        base = config or LocalVolumeConfig()
-        self.config = dataclasses.replace(base, **kwargs) if kwargs else base
+        self.config = config_with_overrides(LocalVolumeConfig, config, kwargs, owner="LocalVolumeCallback")
         self.series: list[dict[str, Any]] = []  # one JSON-safe point per measured step of the main prefix
         self.series_by_prefix: dict[str, list[dict[str, Any]]] = {}  # the other prefixes' points
         self.failures: list[dict[str, Any]] = []

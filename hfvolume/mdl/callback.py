@@ -25,7 +25,6 @@ one without it.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ from hfvolume.mdl.evaluation import dataset_code
 from hfvolume.mdl.nll import DEFAULT_WORKING_MEMORY
 from hfvolume.mdl.reference import CODE_REFERENCES, SERIES_FILE, ReferenceCode, learner_reference
 from hfvolume.mdl.tap import NLL_SOURCES, LossTap
+from hfvolume.volume.checks import config_with_overrides
 
 logger = logging.getLogger("hfvolume")
 
@@ -146,14 +146,7 @@ class OnlineCodeCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, config: OnlineCodeConfig | None = None, **kwargs: Any) -> None:
-        if config is not None and not isinstance(config, OnlineCodeConfig):
-            raise TypeError(f"config must be an OnlineCodeConfig, got {type(config).__name__}")
-        known = {f.name for f in dataclasses.fields(OnlineCodeConfig)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown OnlineCodeCallback arguments {unknown}; known: {sorted(known)}")
-        base = config or OnlineCodeConfig()
-        self.config = dataclasses.replace(base, **kwargs) if kwargs else base
+        self.config = config_with_overrides(OnlineCodeConfig, config, kwargs, owner="OnlineCodeCallback")
         self.tap = LossTap(nll_source=self.config.nll_source, working_memory=self.config.code_working_memory,
                            on_error=self._tap_error)
         self.series: list[dict[str, Any]] = []

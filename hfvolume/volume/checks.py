@@ -6,6 +6,7 @@ never accepted as a number, although Python treats it as one: ``n_directions=Tru
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Collection, TypeVar
 
@@ -94,6 +95,19 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def config_with_overrides(cls: type[T], config: Any, overrides: dict[str, Any], *, owner: str) -> T:
+    """``config`` (an instance of the frozen dataclass ``cls``, or None for its defaults) with keyword
+    ``overrides`` applied; ``owner`` names the caller in the errors (a wrong config type, unknown fields)."""
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"config must be of type {cls.__name__}, got {type(config).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown {owner} arguments {unknown}; known: {sorted(known)}")
+    base = config if config is not None else cls()
+    return dataclasses.replace(base, **overrides) if overrides else base  # type: ignore[type-var]
+
+
 __all__ = [
     "check_bool",
     "check_choice",
@@ -103,4 +117,5 @@ __all__ = [
     "check_number",
     "check_optional_int",
     "check_positive",
+    "config_with_overrides",
 ]

@@ -5,28 +5,19 @@ claim, figure, numbers and a verdict, and that the report, the JSON and the figu
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "reproduce_findings.py"
+from script_loader import loaded_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("reproduce_findings", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_findings"] = module  # dataclasses resolve string annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("reproduce_findings") as module:
         yield module
-    finally:
-        sys.modules.pop("reproduce_findings", None)
 
 
 @pytest.fixture(scope="module")

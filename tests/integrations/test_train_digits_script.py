@@ -1,26 +1,16 @@
 """scripts/train_digits.py (the README's main job) on a short run: outputs, printed lines, the no-callback mode."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_digits.py"
+from script_loader import loaded_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_digits"] = module  # dataclasses resolve string annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script("train_digits") as module:
         yield module
-    finally:
-        sys.modules.pop("train_digits", None)
 
 
 def test_short_run_writes_series_plot_and_card(script, tmp_path, capsys):
