@@ -21,6 +21,7 @@ import pytest
 import torch
 from launching import REPO, free_port, one_thread, torchrun
 from problems import ThreadGroup, assert_same_estimate, core_kwargs, quadratic_problem, tiny_lm
+from script_loader import loaded_script
 
 from hfvolume import estimate_log_volume
 from hfvolume.parallel.distributed import LaunchError, check_launch, resolve_sharding
@@ -188,8 +189,8 @@ def test_script_refuses_the_trap(clean_launch_env, tmp_path, capsys):
 
     PartialState(cpu=False)
     clean_launch_env.setenv("WORLD_SIZE", "2")
-    script = _load_script()
-    assert script.main(["--n_directions", "2", "--output", str(tmp_path)]) == 1
+    with loaded_script("estimate_volume") as script:
+        assert script.main(["--n_directions", "2", "--output", str(tmp_path)]) == 1
     assert "independent copies" in capsys.readouterr().err
     assert not (tmp_path / "result.json").exists()
 
@@ -224,15 +225,6 @@ def test_only_rank_zero_logs(monkeypatch, caplog, rank):
     assert [r.getMessage() for r in caplog.records] == (["from rank 0"] if rank == 0 else [])
     assert hd.is_main_process() is (rank == 0)
     assert not logging.getLogger("hfvolume").filters  # the filter is removed after the block
-
-
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("estimate_volume_script", REPO / "scripts" / "estimate_volume.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------- real 2-process runs
