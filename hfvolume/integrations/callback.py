@@ -65,7 +65,7 @@ from hfvolume.integrations.callback_files import (
     write_series,
 )
 from hfvolume.integrations.callback_logging import once_per_run, trainer_log_level
-from hfvolume.integrations.callback_sections import extra_card_sections, report_init_health
+from hfvolume.integrations.callback_sections import extra_card_content, report_init_health
 from hfvolume.measure.local_volume import estimate_local_volume
 from hfvolume.models.batches import materialize_batches
 from hfvolume.models.optim_state import has_adam_state
@@ -483,9 +483,10 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         complete = [p for p in self.series if "log_volume_lower_bound" in p and "ess" in p]
         if complete:
             plot = is_matplotlib_available()
-            extras = extra_card_sections(self, output_dir, complete, plot=plot)
+            sections, results = extra_card_content(self, output_dir, complete, plot=plot)
             self._save("the model card section",
-                       lambda: card_from_trainer_output(output_dir, complete, plot=plot, extra_sections=extras))
+                       lambda: card_from_trainer_output(output_dir, complete, plot=plot, extra_sections=sections,
+                                                        extra_results=results))
 
 
 def _failure_values(args: Any, prefix: str) -> dict[str, float]:

@@ -44,18 +44,23 @@ def report_init_health(model: Any, *, trainer: Any, state: Any, strict: bool) ->
     return report
 
 
-def extra_card_sections(callback: Any, output_dir: str | os.PathLike[str], series: list[dict[str, Any]], *,
-                        plot: bool) -> tuple[str, ...]:
-    """Markdown sub-sections for hfvolume's card section: ``callback.init_health`` (if any) and the online code of
-    an :class:`hfvolume.OnlineCodeCallback` in the same Trainer (with the two-panel plot, written through
-    ``callback._save`` so a file problem never stops training)."""
-    extras: list[str] = []
+def extra_card_content(callback: Any, output_dir: str | os.PathLike[str], series: list[dict[str, Any]], *,
+                       plot: bool) -> tuple[tuple[str, ...], tuple[dict[str, Any], ...]]:
+    """Markdown sub-sections for hfvolume's card section and their ``model-index`` results: ``callback.init_health``
+    (if any) and the online code of an :class:`hfvolume.OnlineCodeCallback` in the same Trainer (its code length,
+    L_IT and compression, with the two-panel plot, written through ``callback._save`` so a file problem never
+    stops training)."""
+    sections: list[str] = []
+    results: list[dict[str, Any]] = []
     if callback.init_health is not None:
-        extras.append(callback.init_health.to_markdown())
+        sections.append(callback.init_health.to_markdown())
     code = _online_code_callback(callback._trainer)
     if code is not None:
-        extras.append(_online_code_section(callback, code, output_dir, series, plot=plot))
-    return tuple(x for x in extras if x)
+        from hfvolume.mdl.card import model_index_entries
+
+        sections.append(_online_code_section(callback, code, output_dir, series, plot=plot))
+        results.extend(model_index_entries(code.summary()))
+    return tuple(x for x in sections if x), tuple(results)
 
 
 def _online_code_callback(trainer: Any) -> Any:
@@ -79,4 +84,4 @@ def _online_code_section(callback: Any, code: Any, output_dir: str | os.PathLike
     return render_code_section(code.summary(), plot_path=plot_rel)
 
 
-__all__ = ["INFORMATION_PLOT_FILE", "extra_card_sections", "report_init_health"]
+__all__ = ["INFORMATION_PLOT_FILE", "extra_card_content", "report_init_health"]

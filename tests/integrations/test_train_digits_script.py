@@ -32,6 +32,11 @@ def test_short_run_writes_series_plot_and_card(script, tmp_path, capsys):
     section = card.split("<!-- hfvolume:start -->", 1)[1].split("<!-- hfvolume:end -->", 1)[0]
     assert "L_IT" in section and "](hfvolume/information.png)" in section
     assert "± nan" not in printed and "± nan" not in card
+    from huggingface_hub import metadata_load
+
+    types = [m["type"] for r in metadata_load(out / "README.md")["model-index"][0]["results"] for m in r["metrics"]]
+    assert {"information_content", "log_volume", "online_code_length", "information_transfer",
+            "compression_ratio"} <= set(types)
 
 
 def test_without_callback_and_bad_arguments(script, tmp_path):

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from hfvolume.integrations.modelcard.metadata import HFVOLUME_TAG
 from hfvolume.integrations.modelcard.plot import can_plot, write_plot
@@ -74,6 +74,7 @@ class _CardOptions:
     dataset_name: str | None
     repo_type: str
     extra_sections: tuple[str, ...] = ()
+    extra_results: tuple[Mapping[str, Any], ...] = ()
 
     def plot_path(self, points: list[VolumePoint]) -> str | None:
         return PLOT_PATH_IN_REPO if self.plot and can_plot(points) else None
@@ -89,6 +90,7 @@ class _CardOptions:
             dataset_name=self.dataset_name,
             repo_type=self.repo_type,
             extra_sections=self.extra_sections,
+            extra_results=self.extra_results,
         )
 
 
@@ -136,6 +138,7 @@ def update_model_card(
     endpoint: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     extra_sections: Sequence[str] = (),
+    extra_results: Sequence[Mapping[str, Any]] = (),
 ) -> CardUpdate:
     """Put hfvolume's section, tag and ``model-index`` results into a model card, locally or on the Hub.
 
@@ -173,6 +176,7 @@ def update_model_card(
         cache_dir: where the README download is cached (default: a temporary directory removed afterwards).
         extra_sections: Markdown sub-sections of other measures of the same run (e.g. the online code length from
             :class:`hfvolume.OnlineCodeCallback`), placed at the end of hfvolume's section.
+        extra_results: their ``model-index`` results, as ``EvalResult`` keyword dicts without task and dataset.
 
     Returns:
         A :class:`CardUpdate`. ``changed=False`` means nothing was written or committed.
@@ -185,7 +189,7 @@ def update_model_card(
     target = resolve_target(path_or_repo_id, repo_type=repo_type)
     # An hf://datasets/… target sets the repo type, which decides whether model-index results are written.
     options = _CardOptions(_plot_available(check_bool("plot", plot)), model_name, task_type, dataset_type,
-                           dataset_name, target.repo_type, tuple(extra_sections))
+                           dataset_name, target.repo_type, tuple(extra_sections), tuple(extra_results))
     points = normalize_series(result_or_series)
     if target.readme is not None:
         return _update_local(points, target.readme, target, options)
@@ -415,6 +419,7 @@ def card_from_trainer_output(
     dataset_type: str | None = None,
     dataset_name: str | None = None,
     extra_sections: Sequence[str] = (),
+    extra_results: Sequence[Mapping[str, Any]] = (),
 ) -> CardUpdate:
     """(Re)write hfvolume's section into ``output_dir/README.md`` after the Trainer (re)generated that file.
 
@@ -439,6 +444,7 @@ def card_from_trainer_output(
         dataset_type=dataset_type,
         dataset_name=dataset_name,
         extra_sections=extra_sections,
+        extra_results=extra_results,
     )
 
 

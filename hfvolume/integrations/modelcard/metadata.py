@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from hfvolume.integrations.modelcard.render import behavior_name, fmt_value
 from hfvolume.integrations.modelcard.series import VolumePoint
@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 HFVOLUME_TAG = "hfvolume"
 METRIC_INFORMATION_CONTENT = "information_content"
 METRIC_LOG_VOLUME = "log_volume"
-_OUR_METRIC_TYPES = frozenset({METRIC_INFORMATION_CONTENT, METRIC_LOG_VOLUME})
 # The keys this module may change; any other difference means a bug, and the front matter is re-dumped as a whole.
 _OUR_KEYS = ("tags", "model-index")
 
@@ -87,9 +86,14 @@ def _metric_args(point: VolumePoint, unit: str) -> dict[str, Any]:
 
 
 def our_model_index_results(
-    point: VolumePoint, *, model_name: str, task_type: str, dataset_type: str, dataset_name: str
+    point: VolumePoint, *, model_name: str, task_type: str, dataset_type: str, dataset_name: str,
+    extra_results: Sequence[Mapping[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """The ``results`` entries hfvolume contributes to ``model-index``, built with huggingface_hub's EvalResult."""
+    """The ``results`` entries hfvolume contributes to ``model-index``, built with huggingface_hub's EvalResult.
+
+    ``extra_results``: other measures of the same run (e.g. the online code length and L_IT), as ``EvalResult``
+    keyword dicts without the task and dataset (``metric_type``, ``metric_name``, ``metric_value``,
+    ``metric_args`` with ``library: hfvolume``)."""
     from huggingface_hub import EvalResult
     from huggingface_hub.repocard_data import eval_results_to_model_index
 
@@ -102,16 +106,19 @@ def our_model_index_results(
                    metric_value=_round6(point.bits), metric_config=config, metric_args=info_args),
         EvalResult(**dataset, metric_type=METRIC_LOG_VOLUME, metric_name="Log local volume (nats)",
                    metric_value=_round6(point.summary["log_volume"]), metric_config=config, metric_args=log_args),
+        *(EvalResult(**dataset, **extra) for extra in extra_results),
     ]
     return eval_results_to_model_index(model_name, results)[0]["results"]
 
 
 def _is_ours(metric: Any) -> bool:
+    """A metric hfvolume wrote: its args name the library (the volume's two types, and the other measures' results
+    a run added; all are replaced together, so a measure a later run dropped does not linger)."""
     return (
         isinstance(metric, Mapping)
-        and metric.get("type") in _OUR_METRIC_TYPES
         and isinstance(metric.get("args"), Mapping)
         and metric["args"].get("library") == HFVOLUME_TAG
+        and isinstance(metric.get("type"), str)
     )
 
 
@@ -180,6 +187,7 @@ def updated_metadata(
     dataset_type: str | None,
     dataset_name: str | None,
     repo_type: str,
+    extra_results: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """``meta`` with the ``hfvolume`` tag and (model repos) hfvolume's ``model-index`` results for ``point``.
 
@@ -221,7 +229,8 @@ def updated_metadata(
             dataset_type = "custom"
     dataset_name = dataset_name or dataset_type
     ours = our_model_index_results(
-        point, model_name=model_name, task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name
+        point, model_name=model_name, task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name,
+        extra_results=extra_results,
     )
     new_meta["model-index"] = upsert_model_index(existing_index, ours, model_name)
     return new_meta

@@ -10,7 +10,7 @@ own ``metadata_save`` does, and a card with CR-only (classic Mac) line endings i
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from hfvolume.integrations.modelcard.metadata import (
     default_model_name,
@@ -162,6 +162,7 @@ def update_card_text(
     dataset_name: str | None = None,
     repo_type: str = "model",
     extra_sections: Sequence[str] = (),
+    extra_results: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """Return ``card_text`` with hfvolume's section, tag and (model repos) ``model-index`` results updated.
 
@@ -191,7 +192,8 @@ def update_card_text(
         body = replace_section(body, section, eol)
 
     new_meta = updated_metadata(meta, points[-1], model_name=model_name, task_type=task_type,
-                                dataset_type=dataset_type, dataset_name=dataset_name, repo_type=repo_type)
+                                dataset_type=dataset_type, dataset_name=dataset_name, repo_type=repo_type,
+                                extra_results=extra_results)
     if match is None:
         return f"---{eol}{dump_front_matter(new_meta, eol)}---{eol}" + body
     yaml_text = edit_front_matter(match.group(2), meta, new_meta, eol)
