@@ -335,7 +335,7 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
                 prior_mean=self._initial if cfg.prior_mean == "initial" else None,
                 n_directions=self._budget_directions(),
                 preconditioner=preconditioner,
-                optimizer=optimizer if preconditioner in ("adam", "adam-m") else None,
+                optimizer=optimizer if preconditioner in ("adam", "adam-m", "ggn") else None,
                 mixture=mixture,
                 seed=cfg.direction_seed,
                 rtol=cfg.rtol,

@@ -48,7 +48,7 @@ FAILED_NAME = FAILED_KEY[len(DEFAULT_PREFIX) + 1:]
 MIN_BUDGET_DIRECTIONS = 8  # max_seconds never cuts a measurement below this many directions
 AUTO_MIXTURE = 0.25  # preconditioner="auto": defensive-mixture floor with the Adam proposal
 
-PRECONDITIONERS = ("auto", "none", "adam", "adam-m", "fisher")
+PRECONDITIONERS = ("auto", "none", "adam", "adam-m", "fisher", "ggn")
 SIGMA_RULES = ("initial-rms", "rms")
 
 
@@ -95,7 +95,9 @@ class LocalVolumeConfig:
     preconditioner: str = field(
         default="auto",
         metadata={"help": "auto (Adam's second moment with a 25%% isotropic mixture when the optimizer has Adam "
-                          "state, else isotropic), none, adam, adam-m or fisher"},
+                          "state, else isotropic), none, adam, adam-m, fisher, or ggn (the prior tilted by the "
+                          "behaviour's curvature: the best estimates, at a set-up cost of up to 64 directions per "
+                          "measurement)"},
     )
     mixture: float = field(default=0.0, metadata={"help": "defensive-mixture fraction of isotropic directions"})
     direction_seed: int = field(default=0, metadata={"help": "seed of the directions (the same at every step)"})

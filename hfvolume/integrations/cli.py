@@ -58,7 +58,9 @@ class EstimateArguments:
     prior: str = field(default="gaussian", metadata={"help": "gaussian or uniform"})
     sigma: Optional[float] = field(default=None, metadata={"help": "Gaussian prior σ (default: RMS of the weights)"})
     preconditioner: Optional[str] = field(
-        default=None, metadata={"help": "proposal: none, adam (needs a checkpoint dir with optimizer.pt) or fisher"}
+        default=None,
+        metadata={"help": "proposal: none, adam (needs a checkpoint dir with optimizer.pt), fisher, or ggn (the "
+                          "prior tilted by the behaviour's curvature)"},
     )
     adam_exponent: Optional[float] = field(
         default=None, metadata={"help": "γ of the Adam proposal p = 1/(ν̂^γ + η) (default 0.5)"}

@@ -270,3 +270,13 @@ def test_initialisation_health_report_skips_models_without_mlp_parts(tmp_path, c
     assert cb.init_health is None
     assert not any("init_mlp_parts" in e for e in trainer.state.log_history)
     assert any("no initialisation-health report" in r.getMessage() for r in caplog.records)
+
+
+def test_the_curvature_proposal_runs_inside_the_trainer(tmp_path):
+    cb = LocalVolumeCallback(n_directions=4, preconditioner="ggn", write_card=False)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2, eval_steps=2)
+    trainer.train()
+    assert cb.failures == [] and len(cb.series) == 1
+    proposal = cb.series[0]["settings"]["proposal"]
+    assert "curvature" in str(proposal).lower() or "tilt" in str(proposal).lower()
+    assert math.isfinite(cb.series[0]["log_volume"])
