@@ -9,7 +9,8 @@ Hugging Face, or how processes are launched. Modules, from the entry point down:
 * ``evaluation``: calling the behaviour at θ0 + t·w and counting forward passes;
 * ``radius``: where Δ crosses the cutoff along a ray;
 * ``priors``: the prior's mass along a ray; ``ray_integral``: the Gaussian prior's 1-D integral;
-* ``proposals``: seeded directions and importance weights;
+* ``proposals``: seeded directions and diagonal importance-sampling proposals; ``tilted``: the prior tilted by a
+  curvature model (``curvature``: Ĝ = U diag(λ) Uᵀ + λ₀ (I − UUᵀ)), the curvature proposal;
 * ``numerics``: float64 log-space helpers; ``stats``: log-mean-exp, ESS, bounds; ``psis``: Pareto-k̂ of the weights;
 * ``quadratic``: the exact prior mass of a quadratic behaviour (an oracle);
 * ``results``: ``VolumeResult``; ``collectives``: the two multi-process contracts; ``checks``: argument validation.
