@@ -24,7 +24,7 @@ PreconditionerSpec = Union[None, str, Mapping[str, Any], torch.Tensor, Curvature
 PriorSpec = Union[str, GaussianPrior, UniformPrior]
 
 PRECONDITIONERS = ("adam", "adam-m", "fisher", "ggn")
-_ADAM_OPTIONS = {"exponent", "eps", "fallback", "betas"}
+_ADAM_OPTIONS = {"exponent", "eps", "fallback", "betas", "bias_correction"}
 _FISHER_OPTIONS = {"exponent", "eps", "n_samples", "damping", "max_batches", "method"}
 # "tilt" and "floor_shape" belong to the proposal; the rest are curvature_of's knobs (hfvolume.models.curvature).
 _GGN_PROPOSAL_OPTIONS = {"tilt", "floor_shape", "floor_shape_options"}

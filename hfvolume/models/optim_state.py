@@ -46,7 +46,7 @@ from hfvolume.models.scales import (
     inverse_power_scale,
     resolve_eps,
 )
-from hfvolume.volume.checks import check_choice, check_fraction
+from hfvolume.volume.checks import check_bool, check_choice, check_fraction
 
 OPTIMIZER_NAME = "optimizer.pt"  # transformers.trainer.OPTIMIZER_NAME: the file Trainer checkpoints hold
 MOMENTS = ("exp_avg_sq", "exp_avg")
@@ -377,8 +377,10 @@ def _moment_estimate(
     param_shape: tuple[int, ...],
     moment: str,
     name: str,
+    bias_correction: bool = True,
 ) -> tuple[torch.Tensor | None, float | None, str]:
-    """(bias-corrected moment in float64 shaped like the parameter, step, source) or (None, None, reason)."""
+    """(bias-corrected moment in float64 shaped like the parameter, step, source) or (None, None, reason);
+    ``bias_correction=False`` returns Adam's raw running average instead."""
     if not entry:
         return None, None, "no state"
     hyper = hyper or {}
@@ -395,7 +397,7 @@ def _moment_estimate(
                 f"{numel} (shape {param_shape}); sharded or flattened optimizer states need their full tensors"
             )
         t = t.reshape(param_shape)
-        if beta is None:
+        if beta is None or not bias_correction:
             return t
         if step is None:
             raise ValueError(f"optimizer state of parameter {name!r} has {moment!r} but no 'step'")
@@ -440,6 +442,7 @@ def adam_scales(
     moment: str = "exp_avg_sq",
     fallback: str = "mean",
     betas: tuple[float, float] | None = None,
+    bias_correction: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Per-parameter proposal scales p = 1/(ν̂^γ + η) from Adam-style optimizer state (see the module docstring).
@@ -460,6 +463,10 @@ def adam_scales(
         fallback: scale for tensors without usable state: ``"mean"`` (geometric mean over the coordinates that have
             one; 1 if none) or ``"one"``. Counted in the description and announced with one ``warnings.warn``.
         betas: overrides/provides (β1, β2) for every parameter (required for a plain mapping).
+        bias_correction: True (default): η is added to the bias-corrected ν̂. False: to Adam's raw running average
+            ν = exp_avg_sq, as Scherlis & Belrose's research code does. ν = (1 − β2^step)·ν̂ (0.33·ν̂ at step 400
+            with β2 = 0.999), so with an absolute η (their 1e-5) the two give different proposals: use False to
+            reproduce their settings literally. With a relative η the factor cancels and both give one proposal.
         dtype: dtype of the returned tensors (computation is float64).
 
     Returns:
@@ -475,7 +482,9 @@ def adam_scales(
     check_choice("fallback", fallback, FALLBACKS)
     _check_named_params(named_params)
     betas = _check_betas(betas)
-    found = _collect_moments(_state_lookup(optimizer, named_params, betas), named_params, moment, betas)
+    check_bool("bias_correction", bias_correction)
+    found = _collect_moments(_state_lookup(optimizer, named_params, betas), named_params, moment, betas,
+                             bias_correction)
 
     eta, eps_info = resolve_eps(eps, (m for m in found.moments.values() if m is not None), exponent)
     raw: dict[str, torch.Tensor | None] = {}
@@ -497,6 +506,7 @@ def adam_scales(
         "exponent": exponent,
         **eps_info,
         "moment": moment,
+        "bias_correction": bias_correction,
         "fallback": fallback,
         "step": found.step_info(),
         "n_tensors": len(named_params),
@@ -574,14 +584,14 @@ class _Moments:
 
 
 def _collect_moments(lookup: _Lookup, named_params: Mapping[str, torch.Tensor], moment: str,
-                     betas: tuple[float, float] | None) -> _Moments:
+                     betas: tuple[float, float] | None, bias_correction: bool = True) -> _Moments:
     found = _Moments()
     for name, p in named_params.items():
         entry, group = lookup[name]
         hyper = dict(group or {})
         if betas is not None:
             hyper["betas"] = betas
-        m, step, source = _moment_estimate(entry, hyper, tuple(p.shape), moment, name)
+        m, step, source = _moment_estimate(entry, hyper, tuple(p.shape), moment, name, bias_correction)
         found.moments[name] = m
         if m is None:
             found.reasons.setdefault(source, []).append(name)

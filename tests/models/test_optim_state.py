@@ -557,3 +557,23 @@ def test_has_adam_state_through_wrappers():
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     assert not has_adam_state(opt, moment="momentum_buffer")
+
+
+def test_without_bias_correction_eta_is_added_to_the_raw_average():
+    """The research code's convention: p = 1/(ν^γ + η) with Adam's raw ν = (1 − β2^step)·ν̂."""
+    named, sd = _trained_state()
+    state = NamedOptimizerState.from_state_dict(sd, [[n for n in named]])
+    corrected, info_c = adam_scales(state, named, exponent=0.5, eps=1e-5, dtype=torch.float64)
+    raw, info_r = adam_scales(state, named, exponent=0.5, eps=1e-5, bias_correction=False, dtype=torch.float64)
+    assert info_c["bias_correction"] is True and info_r["bias_correction"] is False
+    for name, entry in zip(named, sd["state"].values()):
+        step = float(entry["step"])
+        nu = entry["exp_avg_sq"].double()
+        torch.testing.assert_close(raw[name], 1.0 / (nu.sqrt() + 1e-5), rtol=1e-12, atol=0)
+        nu_hat = nu / (1 - 0.999**step)
+        torch.testing.assert_close(corrected[name], 1.0 / (nu_hat.sqrt() + 1e-5), rtol=1e-12, atol=0)
+    # A relative η: the factor (1 − β2^step)^γ cancels after normalisation, so both conventions give one proposal.
+    rel_c, _ = adam_scales(state, named, eps=RelativeEps(1.0), dtype=torch.float64)
+    rel_r, _ = adam_scales(state, named, eps=RelativeEps(1.0), bias_correction=False, dtype=torch.float64)
+    ratio = torch.cat([(rel_c[n] / rel_r[n]).reshape(-1) for n in named])
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-12, atol=0)
