@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 from launching import run_single, torchrun
 
-HERE = Path(__file__).resolve().parent
-
 
 def worker(out: str) -> None:
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     torch.set_num_threads(1)  # parallel reductions round differently with another thread count
-    sys.path.insert(0, str(HERE))
     from mdl_problems import Logistic, teacher_data
 
     from hfvolume.mdl import OnlineCodeCallback, prequential_code_length
