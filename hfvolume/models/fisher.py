@@ -60,6 +60,9 @@ logger = logging.getLogger("hfvolume")
 METHODS = ("auto", "vmap", "loop")
 LABEL_KEYS = ("labels", "shift_labels")  # dropped from dict batches before the forward
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # per-example gradients held at once: chunk · D ≤ this (float32 → 128 MiB)
+# Classifiers with at most this many classes get the exact expectation over classes by default (C gradients per
+# example instead of one sampled label); language models (vocabularies of thousands) keep sampling.
+EXACT_MAX_CLASSES = 64
 # Defaults of fisher_scales (see hfvolume.models.scales). The floor is relative: F has the units of the behaviour per
 # parameter unit squared, so no absolute η means the same thing on two models.
 DEFAULT_FISHER_EXPONENT = DEFAULT_EXPONENT
@@ -106,6 +109,27 @@ def _sample_labels(logits: torch.Tensor, n_samples: int, generator: torch.Genera
     flat = probs.reshape(-1, probs.shape[-1])
     y = torch.multinomial(flat, n_samples, replacement=True, generator=generator)  # [rows, S]
     return y.T.reshape(n_samples, *logits.shape[:-1])
+
+
+def _exact_labels(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every class as a "sample" of a ``[B, C]`` classifier: y ``[C, B]`` = c, and the per-sample mask
+    ``[C, B]`` = mask_b·√(C·p_c(x_b)). Squaring a gradient scaled by √(C·p_c) and dividing by S = C gives
+    Σ_c p_c (∇ log p_c)², the exact expectation the sampled labels estimate (no sampling noise)."""
+    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)  # [B, C]
+    n_classes = probs.shape[-1]
+    y = torch.arange(n_classes, device=logits.device).unsqueeze(1).expand(n_classes, probs.shape[0])
+    weights = (n_classes * probs.T).sqrt().to(mask.dtype) * mask.unsqueeze(0)
+    return y, weights
+
+
+def _use_exact(n_samples: int | str, logits: torch.Tensor) -> bool:
+    """"exact" always (classifiers only); "auto": exact for ``[B, C]`` logits with C ≤ EXACT_MAX_CLASSES."""
+    if n_samples == "exact":
+        if logits.ndim != 2:
+            raise ValueError(f"n_samples='exact' needs [batch, classes] logits (one scored position per example), "
+                             f"got logits of shape {tuple(logits.shape)}; use an int number of samples")
+        return True
+    return n_samples == "auto" and logits.ndim == 2 and logits.shape[-1] <= EXACT_MAX_CLASSES
 
 
 def _score_mask(raw: Any, logits: torch.Tensor, *, causal: bool, encoder_decoder: bool) -> torch.Tensor:
@@ -170,7 +194,9 @@ def _squared_grads_vmap(
     # Pairs (s, b) flattened sample-major; the inputs of example b are gathered for each pair.
     pairs = n_samples * size
     y_flat = y.reshape(pairs, *y.shape[2:])
-    m_flat = mask.unsqueeze(0).expand(n_samples, *mask.shape).reshape(pairs, *mask.shape[1:])
+    if mask.ndim < y.ndim:  # one mask for every sample
+        mask = mask.unsqueeze(0).expand(n_samples, *mask.shape)
+    m_flat = mask.reshape(pairs, *mask.shape[2:])
     for start in range(0, pairs, chunk):
         idx = torch.arange(start, min(start + chunk, pairs))
         example = _select(batch, in_dims, idx % size)
@@ -193,6 +219,8 @@ def _squared_grads_loop(
 ) -> dict[str, torch.Tensor]:
     """Same sum as :func:`_squared_grads_vmap`: one forward per example, one backward per sample."""
     n_samples, size = y.shape[0], y.shape[1]
+    if mask.ndim < y.ndim:  # one mask for every sample
+        mask = mask.unsqueeze(0).expand(n_samples, *mask.shape)
     in_dims = _in_dims(batch, size)
     names = list(measured)
     acc = {n: _accumulator(t) for n, t in measured.items()}
@@ -203,7 +231,7 @@ def _squared_grads_loop(
         with torch.enable_grad():
             logits = functional_call(forward, (const, leaves), (example,))
             for s in range(n_samples):
-                objective = _log_prob_sum(logits, y[s, b], mask[b])
+                objective = _log_prob_sum(logits, y[s, b], mask[s, b])
                 grads = torch.autograd.grad(
                     objective, [leaves[n] for n in names], retain_graph=s < n_samples - 1, allow_unused=True
                 )
@@ -236,7 +264,7 @@ def fisher_diagonal(
     batches: Iterable[Any] | Mapping[str, Any] | torch.Tensor,
     named_params: Mapping[str, torch.Tensor],
     *,
-    n_samples: int = 1,
+    n_samples: int | str = "auto",
     damping: float = 0.0,
     seed: int = 0,
     max_batches: int | None = None,
@@ -261,7 +289,10 @@ def fisher_diagonal(
             as ``model(batch)``. A single dict or tensor is treated as one batch. Tensors are moved to the
             parameters' device.
         named_params: ``{name: parameter}`` of the measured parameters (must be parameters of ``model``).
-        n_samples: labels drawn per scored position.
+        n_samples: labels drawn per scored position; ``"exact"``: the expectation over every class instead of
+            samples (classifiers with ``[B, C]`` logits: C gradients per example, no sampling noise); ``"auto"``
+            (default): exact for classifiers with at most ``EXACT_MAX_CLASSES`` classes, else one sample. With one
+            sampled label the digits MLP's proposal landed hundreds of nats below the exact diagonal's.
         damping: added to every returned entry (≥ 0).
         seed: seeds the private generator the labels are drawn from.
         max_batches: use at most this many batches.
@@ -303,12 +334,20 @@ def fisher_diagonal(
             with torch.no_grad():
                 logits = forward(batch)
             mask = _score_mask(raw_batch, logits, causal=causal, encoder_decoder=encoder_decoder)
-            y = _sample_labels(logits, n_samples, generator).to(logits.device)
-            total.add(batch, y, mask)
+            if _use_exact(n_samples, logits):
+                y, weights = _exact_labels(logits, mask)
+                total.add(batch, y, mask, weights)
+                per_position = y.shape[0]
+            else:
+                per_position = 1 if isinstance(n_samples, str) else n_samples
+                y = _sample_labels(logits, per_position, generator).to(logits.device)
+                total.add(batch, y, mask)
+            total.samples_per_position.add(per_position)
     if total.n_scored == 0:
         raise ValueError("no scored positions in the batches (empty data, or attention masks all zero)")
+    (samples,) = total.samples_per_position  # one logits shape per model, so one count per call
     return {
-        name: (total.sums[f"model.{own_names[name]}"] / (n_samples * total.n_scored) + damping).to("cpu", torch.float32)
+        name: (total.sums[f"model.{own_names[name]}"] / (samples * total.n_scored) + damping).to("cpu", torch.float32)
         for name in named_params
     }
 
@@ -317,7 +356,8 @@ def _check_arguments(model: Any, named_params: Any, *, n_samples: Any, damping: 
                      chunk_size: Any, call: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_int("n_samples", n_samples)
+    if not (isinstance(n_samples, str) and n_samples in ("auto", "exact")):
+        check_int("n_samples", n_samples)
     check_nonnegative("damping", damping)
     check_optional_int("max_batches", max_batches)
     check_choice("method", method, METHODS)
@@ -342,13 +382,17 @@ class _SquaredScores:
         self.use_vmap = method != "loop"
         self.sums = {n: _accumulator(t) for n, t in measured.items()}
         self.n_scored = 0.0
+        self.samples_per_position: set[int] = set()  # S of every batch (the sums are divided by S·N)
 
-    def add(self, batch: Any, y: torch.Tensor, mask: torch.Tensor) -> None:
-        """One prepared batch with its sampled labels ``y`` ``[S, B(, T)]`` and score mask ``[B(, T)]``."""
+    def add(self, batch: Any, y: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """One prepared batch with its labels ``y`` ``[S, B(, T)]`` and score mask ``[B(, T)]``; ``weights``
+        ``[S, B]`` replaces the mask in the objective (exact expectation over classes, see :func:`_exact_labels`)
+        while the mask still counts the scored positions."""
         acc = None
         if self.use_vmap:
             try:
-                acc = _squared_grads_vmap(self.forward, self.measured, self.const, batch, y, mask, self.chunk)
+                acc = _squared_grads_vmap(self.forward, self.measured, self.const, batch, y,
+                                          mask if weights is None else weights, self.chunk)
             except Exception as err:  # noqa: BLE001 - any failure inside vmap means "not vmappable"
                 if self.method == "vmap":
                     raise
@@ -356,7 +400,8 @@ class _SquaredScores:
                 logger.info("fisher_diagonal: per-example vmap failed (%s); looping over examples", reason)
                 self.use_vmap = False
         if acc is None:
-            acc = _squared_grads_loop(self.forward, self.measured, self.const, batch, y, mask)
+            acc = _squared_grads_loop(self.forward, self.measured, self.const, batch, y,
+                                      mask if weights is None else weights)
         for n in self.sums:
             self.sums[n] += acc[n]
         self.n_scored += float(mask.sum())

@@ -311,3 +311,26 @@ def test_fisher_scales_relative_eps_formula_invariance_and_defaults():
     _, default_info = fisher_scales(fisher)
     _, explicit_info = fisher_scales(fisher, exponent=DEFAULT_FISHER_EXPONENT, eps=DEFAULT_FISHER_EPS)
     assert default_info == explicit_info
+
+
+def test_exact_expectation_over_classes_matches_the_closed_form():
+    """For logits = W x: Σ_c p_c (∂ log p_c / ∂W_kj)² = p_k (1 − p_k) x_j², averaged over the examples."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4, bias=False).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    named = dict(model.named_parameters())
+    got = fisher_diagonal(model, [x], named, n_samples="exact")["weight"].double()
+    p = torch.softmax(model(x), dim=-1).detach()
+    expected = ((p * (1 - p)).unsqueeze(-1) * (x * x).unsqueeze(1)).mean(0)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)  # float32 result
+    auto = fisher_diagonal(model, [x], named)["weight"]  # 4 classes ≤ EXACT_MAX_CLASSES: exact by default
+    assert torch.equal(auto, fisher_diagonal(model, [x], named, n_samples="exact")["weight"])
+    sampled = fisher_diagonal(model, [x], named, n_samples=1)["weight"].double()
+    assert not torch.allclose(sampled, expected, rtol=1e-3)  # one label per example is a noisy estimate
+
+
+def test_exact_expectation_is_refused_for_per_position_logits(make_neox, lm_batch):
+    model = make_neox()
+    named = dict(model.named_parameters())
+    with pytest.raises(ValueError, match="n_samples='exact' needs"):
+        fisher_diagonal(model, [lm_batch], named, n_samples="exact")
