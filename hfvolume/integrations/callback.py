@@ -46,12 +46,10 @@ from hfvolume.integrations.callback_config import (
     sigma_key,
 )
 from hfvolume.integrations.callback_data import (
-    RANDOM_FORWARD_MESSAGE,
     EvalTarget,
     eval_loader,
     eval_log_prefixes,
     eval_set_names,
-    forward_draws_random_numbers,
     step_targets,
     target_for_prefix,
 )
@@ -144,7 +142,6 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         # prefix → ((global step, weights' version counters, data key), logged values) of its last measurement
         self._last: dict[str, tuple[tuple[Any, ...], dict[str, float]]] = {}
         self._warned: set[str] = set()  # warnings already shown in this run (see once_per_run, _warn_once)
-        self._random_forward: bool | None = None
         self._setup_error: str | None = None
         self.init_health: Any = None  # the initialisation-health report of the run, when asked for
 
@@ -310,10 +307,6 @@ class LocalVolumeCallback(TrainerCallback, ExportableState):
         if self._setup_error is not None:
             raise ValueError(self._setup_error)
         batches = self._eval_batches(target, eval_dataloader)
-        if self._random_forward is None:
-            self._random_forward = forward_draws_random_numbers(model, batches[0])
-        if self._random_forward:
-            raise ValueError(RANDOM_FORWARD_MESSAGE)
         # Measured before training started (trainer.evaluate() first): the current weights are the initial ones.
         need_sigma = cfg.prior == "gaussian" and cfg.sigma == "initial-rms" and self.sigma is None
         if need_sigma or (cfg.prior_mean == "initial" and self._initial is None):

@@ -9,25 +9,12 @@ with a single eval set).
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
-from torch import nn
 
 from hfvolume.integrations.callback_config import DEFAULT_PREFIX
-from hfvolume.models.batches import split_batch, to_device
-from hfvolume.models.state import cuda_devices_of, preserved_state
-
-RANDOM_FORWARD_MESSAGE = (
-    "the model draws random numbers in its forward pass in eval mode (MC dropout, a noise layer, or another random "
-    "op that ignores model.eval()): the behaviour Δ would be random, so each measurement would depend on the "
-    "global random state at that step (and could not be vmapped). Make the forward deterministic in eval mode, "
-    "e.g. draw the noise only under `if self.training:`, or measure a deterministic copy of the model with "
-    "hfvolume.estimate_local_volume"
-)
 
 
 @dataclass(frozen=True)
@@ -110,37 +97,11 @@ def eval_loader(trainer: Any, target: EvalTarget, eval_dataloader: Any) -> Any:
                                        shuffle=False)
 
 
-def _rng_snapshot(cuda_devices: Sequence[int]) -> tuple[Any, ...]:
-    np_state = np.random.get_state()
-    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices], random.getstate(),
-            np_state[1].copy(), np_state[2:])
-
-
-def _same_rng(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return (torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2]
-            and np.array_equal(a[3], b[3]) and a[4] == b[4])
-
-
-def forward_draws_random_numbers(model: nn.Module, batch: Any) -> bool:
-    """Whether one eval-mode forward of ``model`` on ``batch`` draws from a global random generator (torch's CPU
-    and CUDA generators, Python's ``random``, numpy's): MC dropout, noise layers. Compared by generator state, so
-    float non-determinism of GPU kernels does not count. Every state, and the model's modes, are restored."""
-    devices = cuda_devices_of(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    args, kwargs = split_batch(to_device(batch, device))
-    with preserved_state(model, cuda_devices=devices):
-        before = _rng_snapshot(devices)
-        model(*args, **kwargs)
-        return not _same_rng(before, _rng_snapshot(devices))
-
-
 __all__ = [
     "EvalTarget",
-    "RANDOM_FORWARD_MESSAGE",
     "eval_loader",
     "eval_log_prefixes",
     "eval_set_names",
-    "forward_draws_random_numbers",
     "step_targets",
     "target_for_prefix",
 ]

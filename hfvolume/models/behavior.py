@@ -58,17 +58,12 @@ from hfvolume.models.memory import (
 from hfvolume.models.outputs import accepts_use_cache, is_causal_lm, is_encoder_decoder
 from hfvolume.models.params import ParameterView
 from hfvolume.models.scorers import BehaviorSpec, ScoredBatch, ScoringError, make_scorer, position_chunks
+from hfvolume.models.state import RANDOM_FORWARD_MESSAGE, cuda_devices_of, rng_snapshot, same_rng
 from hfvolume.volume.checks import check_bool, check_choice, check_int, check_optional_int
 from hfvolume.volume.estimator import perturbation_dtype  # one rule for the rows' dtype, shared with the core
 
 logger = logging.getLogger("hfvolume")
 
-RANDOM_FORWARD_MESSAGE = (
-    "the model draws random numbers in eval mode (e.g. Monte-Carlo dropout or a noise layer), so its behaviour - and "
-    "the region whose volume is measured - would depend on the global random seed. Make its eval-mode forward "
-    "deterministic (disable the noise layers or give them an eval behaviour), or pass behavior= a callable that "
-    "fixes the randomness"
-)
 
 # torch warns once that scaled_dot_product_attention has no vmap batching rule and runs it row by row; that is
 # expected here (and is what keeps the rows independent), so it is not shown to users.
@@ -328,10 +323,11 @@ class ModelBehavior:
     # ------------------------------------------------------------------------------------------ anchor
     def _probe(self, theta0: torch.Tensor, batch: ScoredBatch, largest: LargestOutput) -> torch.Tensor:
         """The anchor on the first batch, which also decides whether vmap works on this model at all, and refuses a
-        forward that draws random numbers in eval mode (vmap's randomness check, or torch's generator moving)."""
-        before = torch.random.get_rng_state()
+        forward that draws random numbers in eval mode (vmap's randomness check, or a global generator moving)."""
+        devices = cuda_devices_of(self.model)
+        before = rng_snapshot(devices)
         out = self._probe_path(theta0, batch, largest)
-        if not torch.equal(before, torch.random.get_rng_state()):
+        if not same_rng(before, rng_snapshot(devices)):
             raise ValueError(RANDOM_FORWARD_MESSAGE)
         return out
 

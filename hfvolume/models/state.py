@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,9 +56,40 @@ def preserved_state(model: nn.Module, *, cuda_devices: Sequence[int] | None = No
         yield
 
 
+RANDOM_FORWARD_MESSAGE = (
+    "the model draws random numbers in eval mode (MC dropout, a noise layer, or another random op that ignores "
+    "model.eval()): the behaviour Δ would be random, so the region whose volume is measured, and every estimate, "
+    "would depend on the global random state. Make the forward deterministic in eval mode, e.g. draw the noise "
+    "only under `if self.training:`, or pass behavior= a callable that fixes the randomness"
+)
+
+
+def rng_snapshot(cuda_devices: Sequence[int] = ()) -> tuple[Any, ...]:
+    """The global random states a forward pass can move: torch's CPU generator, the CUDA generators of
+    ``cuda_devices``, Python's ``random`` and numpy's. Compare two with :func:`same_rng`; comparing generator
+    states, not outputs, keeps the float non-determinism of GPU kernels from counting as randomness."""
+    np_state = np.random.get_state()
+    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices], random.getstate(),
+            np_state[1].copy(), np_state[2:])
+
+
+def same_rng(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :func:`rng_snapshot` results are equal."""
+    return (torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2]
+            and np.array_equal(a[3], b[3]) and a[4] == b[4])
+
+
 def cuda_devices_of(model: nn.Module) -> list[int]:
     """Indices of the CUDA devices that hold ``model``'s parameters (their generators are the ones it can move)."""
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
-__all__ = ["cuda_devices_of", "preserved_modes", "preserved_rng", "preserved_state"]
+__all__ = [
+    "RANDOM_FORWARD_MESSAGE",
+    "cuda_devices_of",
+    "preserved_modes",
+    "preserved_rng",
+    "preserved_state",
+    "rng_snapshot",
+    "same_rng",
+]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from synthetic_lm import trained_progression_lm
 
 from hfvolume import estimate_local_volume
 from hfvolume.measure.options import resolve_curvature_proposal, resolve_preconditioner
@@ -84,28 +85,8 @@ def digits():
 
 def tiny_lm():
     """A 5-layer GPT-NeoX (about 1.02M parameters) trained with AdamW on arithmetic progressions mod 128."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=128, num_hidden_layers=5, num_attention_heads=4,
-                        intermediate_size=512, max_position_embeddings=64)
-    model = GPTNeoXForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, 128, (512, 1), generator=gen)
-    steps = torch.randint(1, 6, (512, 1), generator=gen)
-    seqs = (starts + steps * torch.arange(32)) % 128
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    for i in range(200):
-        batch = seqs[(i * 16) % 480: (i * 16) % 480 + 16]
-        opt.zero_grad()
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-    model.eval()
-    evals = seqs[496:512]
-    return model, [{"input_ids": evals, "attention_mask": torch.ones_like(evals)}], opt
+    return trained_progression_lm(vocab=128, hidden=128, layers=5, intermediate=512, n_sequences=512, max_step=6,
+                                  lr=2e-3, iterations=200, train_sequences=480)
 
 
 # ---------------------------------------------------------------------------------------------- the cases

@@ -17,7 +17,7 @@ import argparse
 import logging
 import math
 
-import torch
+from synthetic_lm import trained_progression_lm
 
 from hfvolume import estimate_local_volume
 from hfvolume.models.optim_state import DEFAULT_ADAM_EPS, DEFAULT_ADAM_EXPONENT
@@ -32,26 +32,8 @@ PAPER = {"exponent": 0.5, "eps": 1e-5}  # absolute η, as in the paper's code
 
 def tiny_lm():
     """A GPT-NeoX (~0.2M parameters) trained briefly with AdamW on structured synthetic token sequences."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
-    model = GPTNeoXForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, 64, (256, 1), generator=gen)
-    steps = torch.randint(1, 4, (256, 1), generator=gen)
-    seqs = (starts + steps * torch.arange(32)) % 64  # arithmetic progressions mod 64: learnable structure
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for i in range(150):
-        batch = seqs[(i * 16) % 240: (i * 16) % 240 + 16]
-        opt.zero_grad()
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-    model.eval()
-    evals = [{"input_ids": seqs[240:256], "attention_mask": torch.ones_like(seqs[240:256])}]
-    return model, evals, opt
+    return trained_progression_lm(vocab=64, hidden=64, layers=2, intermediate=128, n_sequences=256, max_step=4,
+                                  lr=3e-3, iterations=150)
 
 
 def digits():

@@ -6,6 +6,7 @@ thread count, and the tests compare launched runs with in-process runs bit for b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -66,6 +67,17 @@ def torchrun(args: list[str], *, cwd: Path, nproc: int = 2, attempts: int = 2) -
         print(f"launch failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
     assert proc is not None
     raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+
+
+def run_one_and_two(script: str, tmp_path: Path) -> tuple[dict, list[dict], subprocess.CompletedProcess]:
+    """``python script worker DIR`` once in a single process and once under 2-process torchrun; returns the single
+    run's ``rank0.json``, the two ranks' ``rank{r}.json`` and the launch (for its output in failure messages)."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_single([script, "worker", str(single)])
+    done = torchrun([script, "worker", str(multi)], cwd=tmp_path)
+    one = json.loads((single / "rank0.json").read_text())
+    ranks = [json.loads((multi / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return one, ranks, done
 
 
 @contextlib.contextmanager

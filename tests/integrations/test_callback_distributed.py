@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import run_single, torchrun
+from launching import run_one_and_two
 
 KEYS = ("eval_log_volume", "eval_information_content_bits", "eval_log_volume_lower_bound", "eval_volume_ess",
         "eval_volume_norm_term", "eval_volume_prior_sigma")
@@ -54,12 +54,8 @@ def worker(out: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_callback_logs_the_single_process_values(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    run_single([__file__, "worker", str(single)])
-    done = torchrun([__file__, "worker", str(multi)], cwd=tmp_path)
+    one, ranks, done = run_one_and_two(__file__, tmp_path)
 
-    one = json.loads((single / "rank0.json").read_text())
-    ranks = [json.loads((multi / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert one["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]  # not two silent single runs
     assert [v["step"] for v in one["values"]] == [2, 4]
     # Bitwise: the same floats on every rank and in the single-process run.

@@ -17,7 +17,6 @@ from trainer_problems import Recorder, make_trainer, tiny_causal_lm
 
 from hfvolume.integrations import callback as callback_module
 from hfvolume.integrations.callback import FAILED_KEY, LocalVolumeCallback
-from hfvolume.integrations.callback_data import forward_draws_random_numbers
 from hfvolume.integrations.callback_files import INITIAL_PARAMETERS_FILE, load_initial_parameters
 from hfvolume.integrations.callback_logging import process_log_level
 from hfvolume.models.params import ParameterView, rms
@@ -123,19 +122,31 @@ def test_random_forward_in_eval_mode_is_refused_with_the_fix(tmp_path):
 
 
 def test_random_forward_detection_restores_every_state():
+    import random
+
+    import numpy as np
+
+    from hfvolume import estimate_local_volume
+
     class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+
         def forward(self, x):
-            return x + torch.rand_like(x)
+            return self.linear(x) + torch.rand_like(x)
 
     class Deterministic(torch.nn.Sequential):
         pass
 
     x = torch.ones(2, 3)
     noisy, dropout = Noisy(), Deterministic(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5)).train()
-    before = torch.get_rng_state()
-    assert forward_draws_random_numbers(noisy, (x,))
-    assert not forward_draws_random_numbers(dropout, (x,))  # dropout is off in eval mode
-    assert dropout.training and torch.equal(torch.get_rng_state(), before)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with pytest.raises(ValueError, match="draws random numbers"):
+        estimate_local_volume(noisy, [(x,)], behavior="output", n_directions=2, progress=False)
+    estimate_local_volume(dropout, [(x,)], behavior="output", n_directions=2, progress=False)  # off in eval mode
+    assert dropout.training and torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1] and np.array_equal(np.random.get_state()[1], before[2])
 
 
 @pytest.mark.parametrize("level, shown", [("critical", False), ("warning", True)])

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import run_single, torchrun
+from launching import run_one_and_two
 
 
 def worker(out: str) -> None:
@@ -65,11 +65,7 @@ def _close(a, b, rel: float) -> bool:
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_codes(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    run_single([__file__, "worker", str(single)])
-    done = torchrun([__file__, "worker", str(multi)], cwd=tmp_path)
-    one = json.loads((single / "rank0.json").read_text())
-    ranks = [json.loads((multi / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one, ranks, done = run_one_and_two(__file__, tmp_path)
     assert one["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]  # not two silent single runs
     assert ranks[0]["history"] == ranks[1]["history"]  # every rank logs the same global numbers
     evals = [e for e in one["history"] if "eval_code_bits" in e]
